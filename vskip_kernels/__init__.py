@@ -1,0 +1,16 @@
+"""vskip_kernels: modality-aware sparse attention and layer skipping for vision-language models."""
+from .ops import modality_attention, modality_attention_varlen, visual_attention_mass
+from .plan import SkipPlan
+from .schedule import Schedule, plan_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "modality_attention",
+    "modality_attention_varlen",
+    "visual_attention_mass",
+    "plan_schedule",
+    "Schedule",
+    "SkipPlan",
+    "__version__",
+]

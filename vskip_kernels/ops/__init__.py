@@ -1,0 +1,4 @@
+from .attention import modality_attention, modality_attention_varlen, varlen_layout
+from .visual_mass import visual_attention_mass
+
+__all__ = ["modality_attention", "modality_attention_varlen", "varlen_layout", "visual_attention_mass"]

@@ -1,0 +1,84 @@
+"""Public visual-attention-mass reduction (FlashVLM's A_v), one pass, no N x N buffer."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._validate import check_backend, check_mask_inputs, check_qkv
+from ..reference import token_kind
+from ..schedule import POLICY_CODES
+from .dispatch import resolve_backend
+
+_POLICY_NAMES = {v: k for k, v in POLICY_CODES.items()}
+
+
+@torch.library.custom_op("vskip::visual_attention_mass", mutates_args=())
+def _visual_mass_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    kind: torch.Tensor,
+    q_pos: torch.Tensor,
+    policy_code: int,
+    visual_self: bool,
+    softmax_scale: float,
+    backend: str,
+) -> torch.Tensor:
+    policy = _POLICY_NAMES[policy_code]
+    if backend == "triton":
+        from . import triton_visual_mass as impl
+    else:
+        from . import torch_backend as impl
+    return impl.visual_mass(q, k, kind, q_pos, policy, visual_self, softmax_scale)
+
+
+@_visual_mass_op.register_fake
+def _(q, k, kind, q_pos, policy_code, visual_self, softmax_scale, backend):
+    return q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def visual_attention_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    is_visual: torch.Tensor,
+    *,
+    policy: str = "dense",
+    attention_mask: torch.Tensor | None = None,
+    visual_self: bool = True,
+    softmax_scale: float | None = None,
+    query_positions=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Share of each query's softmax probability that lands on visual keys, fp32 in [0, 1].
+
+    q [B, Hq, Nq, D] are the last Nq of the Nk key positions of k [B, Hkv, Nk, D].
+    query_positions (ints or a 1-D tensor, indices into the Nq queries, negatives
+    count from the end) restricts the work to those queries: asking for the newest
+    token costs O(Nk) per head. Returns [B, Hq, Nq] or [B, Hq, len(query_positions)].
+    Rows with no allowed key give 0.
+    """
+    check_qkv(q, k)
+    check_mask_inputs(is_visual, attention_mask, policy)
+    check_backend(backend)
+    b, nq, nk = q.shape[0], q.shape[2], k.shape[2]
+    if tuple(is_visual.shape) != (b, nk):
+        raise ValueError(f"is_visual must be [B, Nk] = [{b}, {nk}], got shape {list(is_visual.shape)}")
+    if is_visual.device != q.device:
+        raise ValueError(f"is_visual is on {is_visual.device} but q is on {q.device}")
+    backend = resolve_backend(backend, q.device)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
+    if query_positions is None:
+        idx = torch.arange(nq, device=q.device)
+    else:
+        idx = torch.as_tensor(query_positions, device=q.device)
+        if idx.dim() == 0:
+            idx = idx[None]
+        if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.numel() == 0:
+            raise ValueError(f"query_positions must be a non-empty 1-D list of integer query indices, got {query_positions!r}")
+        if bool(((idx < -nq) | (idx >= nq)).any()):
+            raise ValueError(f"query_positions must be in [-{nq}, {nq}) (indices into the Nq={nq} queries), got {idx.tolist()}")
+        idx = torch.remainder(idx.long(), nq)
+        q = q.index_select(2, idx)
+    q_pos = (idx + (nk - nq)).to(torch.int32).contiguous()
+    kind = token_kind(is_visual, attention_mask).contiguous()
+    return _visual_mass_op(q.contiguous(), k, kind, q_pos, POLICY_CODES[policy], bool(visual_self), scale, backend)

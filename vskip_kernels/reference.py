@@ -1,0 +1,121 @@
+"""Executable specification of the attention contract in DESIGN.md.
+
+Naive and dense on purpose: every backend and kernel is tested against these
+functions. They build the full [B, Nq, Nk] mask and the full score matrix, so
+they are only for small test shapes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+POLICIES = ("dense", "vskip", "frozen")
+
+# Per-position token kinds shared by every backend (the schedule carries them as int8).
+KIND_PAD, KIND_TEXT, KIND_VISUAL = 0, 1, 2
+
+
+def token_kind(is_visual: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, Nk] int8: 0 = padding, 1 = text, 2 = visual."""
+    kind = torch.where(is_visual.bool(), KIND_VISUAL, KIND_TEXT).to(torch.int8)
+    if attention_mask is not None:
+        kind = torch.where(attention_mask.bool(), kind, torch.zeros_like(kind))
+    return kind
+
+
+def allowed_mask(
+    is_visual: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    nq: int,
+    policy: str = "vskip",
+    visual_self: bool = True,
+) -> torch.Tensor:
+    """[B, Nq, Nk] bool: may query i (the i-th of the last nq positions) attend to key j."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    b, nk = is_visual.shape
+    kind = token_kind(is_visual, attention_mask)
+    qpos = torch.arange(nk - nq, nk, device=is_visual.device)
+    kpos = torch.arange(nk, device=is_visual.device)
+    causal = kpos[None, :] <= qpos[:, None]  # [Nq, Nk]
+    k_real = kind != KIND_PAD  # [B, Nk]
+    q_kind = kind[:, nk - nq :]  # [B, Nq]
+    q_real = q_kind != KIND_PAD
+    allowed = causal[None] & k_real[:, None, :] & q_real[:, :, None]
+    q_vis = (q_kind == KIND_VISUAL)[:, :, None]
+    k_vis = (kind == KIND_VISUAL)[:, None, :]
+    if policy == "vskip":
+        is_self = (kpos[None, :] == qpos[:, None])[None]
+        blocked = q_vis & k_vis
+        if visual_self:
+            blocked = blocked & ~is_self
+        allowed = allowed & ~blocked
+    elif policy == "frozen":
+        allowed = allowed & ~q_vis
+    return allowed
+
+
+def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+    return x.repeat_interleave(hq // x.shape[1], dim=1)
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_visual: torch.Tensor,
+    *,
+    policy: str = "vskip",
+    attention_mask: torch.Tensor | None = None,
+    visual_self: bool = True,
+    softmax_scale: float | None = None,
+    upcast: bool = True,
+):
+    """Returns (out [B,Hq,Nq,D] in q's dtype, visual_mass [B,Hq,Nq] fp32, lse [B,Hq,Nq] fp32).
+
+    upcast=True computes in fp32 (the accuracy reference); upcast=False keeps the
+    input dtype for scores, softmax and the PV product, which is how far a plain
+    low-precision implementation drifts (the tolerance yardstick).
+    Empty rows: out 0, visual_mass 0, lse -inf.
+    """
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    hq, nq, d = q.shape[1], q.shape[2], q.shape[3]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    k, v = _expand_kv(k, hq), _expand_kv(v, hq)
+    allowed = allowed_mask(is_visual, attention_mask, nq, policy, visual_self)[:, None]  # [B,1,Nq,Nk]
+    scores = torch.matmul(q * scale, k.transpose(-1, -2)) if not upcast else torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_any = allowed.any(-1)  # [B,1,Nq]
+    s32 = scores.float()
+    lse = torch.logsumexp(s32, dim=-1)
+    lse = torch.where(row_any, lse, torch.full_like(lse, float("-inf")))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(allowed, probs, torch.zeros_like(probs))  # all-masked rows -> 0, not NaN
+    out = torch.matmul(probs.to(v.dtype), v)
+    kvis = (is_visual.bool()[:, None, None, :]) & allowed
+    p32 = torch.where(allowed, torch.softmax(s32, dim=-1), torch.zeros_like(s32))
+    mass = (p32 * kvis).sum(-1)
+    return out.to(dtype), mass.float(), lse.float()
+
+
+def visual_mass_ref(q, k, is_visual, *, policy="dense", attention_mask=None, visual_self=True,
+                    softmax_scale=None, query_positions=None):
+    """fp32 [B, Hq, Nq] (or [B, Hq, len(query_positions)]) visual share of each query's softmax."""
+    v = torch.zeros_like(k[..., :1]).expand(*k.shape[:-1], 1)
+    _, mass, _ = attention_ref(q, k, v.contiguous(), is_visual, policy=policy, attention_mask=attention_mask,
+                               visual_self=visual_self, softmax_scale=softmax_scale)
+    if query_positions is not None:
+        mass = mass[:, :, torch.as_tensor(query_positions, device=mass.device, dtype=torch.long)]
+    return mass
+
+
+def live_tile_pairs(allowed: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """[B, num_m, num_n] bool: tile pairs holding at least one allowed (query, key) entry."""
+    b, nq, nk = allowed.shape
+    mm, nn = -(-nq // block_m), -(-nk // block_n)
+    padded = torch.zeros(b, mm * block_m, nn * block_n, dtype=torch.bool, device=allowed.device)
+    padded[:, :nq, :nk] = allowed
+    return padded.view(b, mm, block_m, nn, block_n).any(dim=4).any(dim=2)
