@@ -60,16 +60,18 @@ def _modality_attention_op(
         out, mass, lse = torch_backend.attention_forward(
             q, k, v, kind, policy, visual_self, softmax_scale, want_mass, want_lse
         )
-    empty = q.new_empty(0, dtype=torch.float32)
-    return out, (mass if want_mass else empty), (lse if want_lse else empty)
+    # distinct placeholders: a custom op may not return the same tensor twice
+    return (out, mass if want_mass else q.new_empty(0, dtype=torch.float32),
+            lse if want_lse else q.new_empty(0, dtype=torch.float32))
 
 
 @_modality_attention_op.register_fake
 def _(q, k, v, kind, full_cnt, full_idx, part_cnt, part_idx, policy_code, visual_self, softmax_scale,
       block_m, block_n, want_mass, want_lse, backend):
-    stat = q.new_empty(q.shape[:3], dtype=torch.float32)
-    empty = q.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(q), (stat if want_mass else empty), (stat.clone() if want_lse else empty)
+    def stat(wanted):
+        return q.new_empty(q.shape[:3] if wanted else (0,), dtype=torch.float32)
+
+    return torch.empty_like(q), stat(want_mass), stat(want_lse)
 
 
 def default_block_sizes(q: torch.Tensor, backend: str) -> tuple[int, int]:

@@ -1,0 +1,357 @@
+"""Regenerate the README performance section and the plots from benchmark JSON files only.
+
+    python bench/make_table.py [--results bench/results] [--readme README.md] [--plots-dir DIR]
+
+Only GPU results count: smoke runs (in ``<results>/smoke``, or flagged ``smoke``) and
+CPU runs are ignored. For each suite and GPU the newest file is used. The README
+text between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is replaced; nothing
+else in the file changes. Plots need matplotlib and are skipped (with a message)
+without it.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+NO_RESULTS = ("_No GPU results yet._ Run `python bench/run.py` on a CUDA GPU, then `python bench/make_table.py` "
+              "(see bench/README.md).")
+SUITE_ORDER = ("attention", "visual_mass", "decode", "model")
+OURS = ("ours-triton", "ours-torch")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def is_gpu_result(doc: dict) -> bool:
+    env = doc.get("env") or {}
+    return (doc.get("format") == "vskip-bench/1" and not doc.get("smoke", False)
+            and env.get("device") == "cuda" and bool(env.get("gpu")))
+
+
+def load_results(results_dir: str) -> list[dict]:
+    """GPU result documents directly under ``results_dir`` (subdirectories such as smoke/ are not read)."""
+    docs = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"make_table: skipping unreadable {path}: {exc}", file=sys.stderr)
+            continue
+        if isinstance(doc, dict) and is_gpu_result(doc):
+            doc["_path"] = path
+            docs.append(doc)
+    return docs
+
+
+def latest(docs: list[dict]) -> list[dict]:
+    """Newest document per (suite, GPU), ordered by suite then GPU."""
+    best = {}
+    for d in docs:
+        key = (d["suite"], d["env"]["gpu"])
+        if key not in best or d.get("created_utc", "") > best[key].get("created_utc", ""):
+            best[key] = d
+    order = {s: i for i, s in enumerate(SUITE_ORDER)}
+    return [best[k] for k in sorted(best, key=lambda k: (order.get(k[0], 99), k[0], k[1]))]
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        if x == 0:
+            return "0"
+        ax = abs(x)
+        if ax >= 1000:
+            return f"{x:,.0f}"
+        return f"{x:.{max(digits - 1 - int(f'{ax:e}'.split('e')[1]), 0)}f}"
+    return str(x)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _find(results, backend):
+    return next((r for r in results if r["backend"] == backend), None)
+
+
+def _primary(case):
+    for b in OURS:
+        r = _find(case["results"], b)
+        if r is not None:
+            return r
+    return None
+
+
+def _col(backend: str) -> str:
+    """Table column of a backend: SDPA with and without an explicit mask share one."""
+    return backend.replace(" (bool mask)", "")
+
+
+def _vs_cell(case, col, mine):
+    """'<ms> (<speedup of ours>x)' for a baseline, or why it is missing."""
+    r = next((x for x in case["results"] if _col(x["backend"]) == col), None)
+    if r is None:
+        skipped = next((s for s in case.get("skipped", []) if _col(s["backend"]) == col), None)
+        return "skipped" if skipped else "—"
+    if mine is None or r is mine:
+        return fmt(r["ms_median"])
+    return f"{fmt(r['ms_median'])} ({fmt(r['ms_median'] / mine['ms_median'])}×)"
+
+
+def header_line(doc: dict) -> str:
+    env = doc["env"]
+    commit = (env.get("git_commit") or "unknown")[:10] + (" (dirty)" if env.get("git_dirty") else "")
+    return (f"{env['gpu']} ({env.get('gpu_capability') or '?'}), driver {env.get('driver_version') or '?'}, "
+            f"CUDA {env.get('cuda') or '?'}, torch {env.get('torch')}, triton {env.get('triton')}, "
+            f"transformers {env.get('transformers')}, commit {commit}, run {doc.get('created_utc', '?')} "
+            f"(`{os.path.basename(doc.get('_path', ''))}`)")
+
+
+def _baselines(cases):
+    seen = []
+    for c in cases:
+        for r in list(c["results"]) + list(c.get("skipped", [])):
+            if r["backend"] not in OURS and _col(r["backend"]) not in seen:
+                seen.append(_col(r["backend"]))
+    return seen
+
+
+def render_attention(doc):
+    cases = doc["cases"]
+    others = _baselines(cases)
+    rows = []
+    for c in cases:
+        mine = _primary(c)
+        torch_b = _find(c["results"], "ours-torch") if mine and mine["backend"] != "ours-torch" else None
+        rows.append([c["shape"], c["policy"], fmt(c.get("live_tile_fraction")),
+                     f"{fmt(mine['ms_median'])} [{mine['backend']}]" if mine else "—",
+                     fmt(mine.get("tflops")) if mine else "—"]
+                    + [_vs_cell(c, b, mine) for b in others]
+                    + [f"{fmt(torch_b['ms_median'])} ({fmt(torch_b['ms_median'] / mine['ms_median'])}×)"
+                       if torch_b else "—"])
+    head = ["shape", "policy", "live/causal tiles", "ours ms", "ours TFLOP/s"]
+    head += [("sdpa (causal / bool mask)" if b == "sdpa" else b) + " ms (our speedup)" for b in others]
+    head.append("ours-torch ms (our speedup)")
+    return table(head, rows)
+
+
+def render_visual_mass(doc):
+    rows = []
+    for c in doc["cases"]:
+        for r in c["results"]:
+            rows.append([str(c.get("seq_len")), c["task"], r["backend"], fmt(r["ms_median"]),
+                         fmt(r.get("peak_mem_bytes") / 2**20 if r.get("peak_mem_bytes") else None)])
+        for s in c.get("skipped", []):
+            rows.append([str(c.get("seq_len")), c["task"], s["backend"], f"skipped: {s['reason'][:60]}", "—"])
+    return table(["N", "task", "backend", "ms", "peak MiB"], rows)
+
+
+def render_decode(doc):
+    cases = doc["cases"]
+    others = _baselines(cases)
+    rows = []
+    for c in cases:
+        mine = _primary(c)
+        rows.append([c["heads"], str(c["cache_len"]), f"{fmt(mine['ms_median'])} [{mine['backend']}]" if mine else "—",
+                     fmt(mine.get("gbps")) if mine else "—"] + [_vs_cell(c, b, mine) for b in others])
+    return table(["heads", "cache", "ours ms", "ours GB/s"] + [f"{b} ms (our speedup)" for b in others], rows)
+
+
+def render_model(doc):
+    rows = []
+    for c in doc["cases"]:
+        for r in c["results"]:
+            vd = r.get("vs_dense") or {}
+            rows.append([c["model"], r["backend"], fmt(r.get("prefill_ms")), fmt(r.get("decode_ms_per_token")),
+                         fmt(r.get("avg_output_len")), fmt(r.get("throughput_tok_s")), fmt(vd.get("ttft_speedup")),
+                         fmt(vd.get("decode_token_reduction_pct")), fmt(vd.get("throughput_gain_pct"))])
+        for s in c.get("skipped", []):
+            rows.append([c["model"], s["backend"], f"skipped: {s['reason'][:60]}"] + ["—"] * 6)
+    return table(["model", "method", "prefill/TTFT ms", "decode ms/token", "avg len", "tokens/s",
+                  "TTFT speedup", "decode/token −%", "throughput +%"], rows)
+
+
+def render_checks(docs):
+    rows = []
+    for d in docs:
+        for ch in d.get("checks", []):
+            where = ch.get("shape") or ch.get("model") or ""
+            if ch.get("target_applies") is False:
+                where += " (reference only)"
+            mark = "—" if ch.get("passed") is None else ("pass" if ch["passed"] else "FAIL")
+            rows.append([d["env"]["gpu"], ch["name"], where, fmt(ch.get("value")), ch["target"], mark])
+    return table(["GPU", "target", "case", "measured", "target", "result"], rows) if rows else ""
+
+
+RENDERERS = {"attention": ("Prefill attention", render_attention),
+             "visual_mass": ("Visual attention mass", render_visual_mass),
+             "decode": ("Decode attention (one query vs KV cache)", render_decode),
+             "model": ("Model level (FlashVLM metrics)", render_model)}
+
+
+def render(docs: list[dict]) -> str:
+    docs = latest(docs)
+    if not docs:
+        return NO_RESULTS
+    parts = ["_Generated by `bench/make_table.py` from the JSON files in bench/results; do not edit by hand._"]
+    for d in docs:
+        title, fn = RENDERERS.get(d["suite"], (d["suite"], None))
+        if fn is None:
+            continue
+        parts.append(f"#### {title} — {d['env']['gpu']}\n\n{header_line(d)}\n\n{fn(d)}")
+    checks = render_checks(docs)
+    if checks:
+        parts.append("#### Targets\n\n" + checks)
+    return "\n\n".join(parts)
+
+
+def replace_section(text: str, body: str, where: str = "README") -> str:
+    if text.count(START) != 1 or text.count(END) != 1:
+        raise ValueError(f"{where} must contain exactly one {START} and one {END} marker")
+    i, j = text.index(START), text.index(END)
+    if j < i:
+        raise ValueError(f"{where}: {END} comes before {START}")
+    return text[: i + len(START)] + "\n" + body.strip() + "\n" + text[j:]
+
+
+def update_readme(readme: str, body: str) -> bool:
+    """Replace the marked section; returns True when the file changed."""
+    with open(readme) as f:
+        old = f.read()
+    new = replace_section(old, body, readme)
+    if new != old:
+        with open(readme, "w") as f:
+            f.write(new)
+    return new != old
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
+
+
+def make_plots(docs: list[dict], plots_dir: str) -> list[str]:
+    """PNG plots from the result documents; [] when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("make_table: matplotlib is not installed; no plots written", file=sys.stderr)
+        return []
+    os.makedirs(plots_dir, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        path = os.path.join(plots_dir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    for d in latest(docs):
+        gpu = d["env"]["gpu"]
+        if d["suite"] == "attention":
+            seq = {s["name"]: s["seq_len"] for s in d["shapes"]}
+            for policy in ("dense", "vskip", "frozen"):
+                series = {}
+                for c in d["cases"]:
+                    if c["policy"] != policy:
+                        continue
+                    for r in c["results"]:
+                        series.setdefault(r["backend"], []).append((seq[c["shape"]], r["ms_median"]))
+                if not series:
+                    continue
+                fig, ax = plt.subplots(figsize=(6, 4))
+                for b, pts in sorted(series.items()):
+                    pts.sort()
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b)
+                ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="ms (median)",
+                       title=f"{policy} attention — {gpu}")
+                ax.legend(fontsize=7)
+                save(fig, f"attention-{policy}-{_slug(gpu)}.png")
+        elif d["suite"] == "decode":
+            series = {}
+            for c in d["cases"]:
+                for r in c["results"]:
+                    series.setdefault(f"{r['backend']} ({c['heads']})", []).append((c["cache_len"], r["ms_median"]))
+            if series:
+                fig, ax = plt.subplots(figsize=(6, 4))
+                for b, pts in sorted(series.items()):
+                    pts.sort()
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b)
+                ax.set(xscale="log", yscale="log", xlabel="cache length", ylabel="ms (median)",
+                       title=f"decode attention — {gpu}")
+                ax.legend(fontsize=6)
+                save(fig, f"decode-{_slug(gpu)}.png")
+        elif d["suite"] == "model":
+            fig, ax = plt.subplots(figsize=(6, 4))
+            plotted = False
+            for c in d["cases"]:
+                for kind, key, metric in (("vskip", "n", "ttft_speedup"), ("shortv", "n", "ttft_speedup")):
+                    pts = [(0, 1.0)] + [(r["method"][key], r["vs_dense"][metric]) for r in c["results"]
+                                        if r.get("method", {}).get("kind") == kind and r.get("vs_dense")]
+                    if len(pts) > 1:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{c['model']} {kind}")
+                        plotted = True
+                pts = [(0, 1.0)] + [(r["method"]["bypass"], 1.0 / (1 - r["vs_dense"]["decode_token_reduction_pct"] / 100))
+                                    for r in c["results"] if r.get("method", {}).get("kind") == "flashvlm"
+                                    and r.get("vs_dense") and r["vs_dense"].get("decode_token_reduction_pct") is not None
+                                    and r["vs_dense"]["decode_token_reduction_pct"] < 100]
+                if len(pts) > 1:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", linestyle="--",
+                            label=f"{c['model']} flashvlm (decode)")
+                    plotted = True
+            if plotted:
+                ax.set(xlabel="skipped layers", ylabel="speedup vs dense (TTFT; decode for flashvlm)",
+                       title=f"speedup vs skipped layers — {gpu}")
+                ax.legend(fontsize=6)
+                save(fig, f"model-speedup-{_slug(gpu)}.png")
+            else:
+                plt.close(fig)
+    return written
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def main(argv=None) -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(prog="make_table", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=os.path.join(here, "results"), help="results directory")
+    p.add_argument("--readme", default=os.path.join(os.path.dirname(here), "README.md"))
+    p.add_argument("--plots-dir", default=None, help="default: <results>/plots")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--print", action="store_true", help="print the section instead of writing the README")
+    args = p.parse_args(argv)
+    docs = load_results(args.results)
+    body = render(docs)
+    if args.print:
+        print(body)
+    else:
+        changed = update_readme(args.readme, body)
+        print(f"make_table: {args.readme} {'updated' if changed else 'unchanged'} "
+              f"({len(latest(docs))} GPU result file(s))", file=sys.stderr)
+    if not args.no_plots and docs:
+        for path in make_plots(docs, args.plots_dir or os.path.join(args.results, "plots")):
+            print(f"make_table: wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

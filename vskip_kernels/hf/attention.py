@@ -1,0 +1,82 @@
+"""The ``"vskip"`` attention implementation and its mask function for transformers.
+
+The attention function is registered in transformers' ``AttentionInterface``; the mask
+function in ``AttentionMaskInterface``. Without the latter transformers would hand a
+custom implementation no mask at all; ours returns the plain 2-D padding mask (padded
+to the cache's key length), because the policy masks are built from token kinds by
+the kernels, never as a dense 4-D tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops.attention import modality_attention
+from ..ops.visual_mass import visual_attention_mass
+
+ATTN_NAME = "vskip"
+
+# Keyword arguments transformers' attention modules pass that carry no meaning for us
+# (position ids are for flash-attention's varlen path; the cache is already applied).
+_IGNORED = {"position_ids", "is_causal", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+            "output_attentions", "use_cache", "past_key_values", "past_key_value", "cache_position",
+            "position_embeddings"}
+
+
+def _check_unsupported(dropout, sliding_window, softcap, kwargs) -> None:
+    if dropout not in (None, 0, 0.0):
+        raise ValueError(f"vskip attention has no attention dropout; got dropout={dropout} (call model.eval())")
+    if sliding_window is not None:
+        raise ValueError(f"vskip attention does not implement sliding-window attention (sliding_window={sliding_window})")
+    if softcap is not None:
+        raise ValueError(f"vskip attention does not implement logit soft-capping (softcap={softcap})")
+    for name in ("s_aux", "sinks", "attention_sinks", "head_mask"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"vskip attention does not support `{name}`")
+
+
+def vskip_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            sliding_window=None, softcap=None, **kwargs):
+    """transformers attention-interface entry: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (full cache)."""
+    state = getattr(module, "_vskip_state", None)
+    if state is None or not state.active:
+        raise RuntimeError(
+            f"attn_implementation={ATTN_NAME!r} only works on models patched with vskip_kernels.hf.apply_skip_plan"
+        )
+    _check_unsupported(dropout, sliding_window, softcap, kwargs)
+    layer = module._vskip_layer_idx
+    policy = state.policy(layer)
+    key, value, is_visual, mask = state.masks_for(query, key, value, attention_mask, layer)
+    sched = state.schedule_for(is_visual, mask, query, policy)
+    out = modality_attention(query, key, value, is_visual, policy=policy, attention_mask=mask, softmax_scale=scaling,
+                             schedule=sched, backend=state.backend)
+    if state.recorders:
+        mass = visual_attention_mass(query, key, is_visual, policy=policy, attention_mask=mask, softmax_scale=scaling,
+                                     query_positions=[-1], backend=state.backend)
+        state.record(layer, mass[:, :, 0])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def vskip_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+               **kwargs):
+    """transformers mask-interface entry: the 2-D boolean padding mask over the kv_length keys, or None."""
+    from transformers.masking_utils import causal_mask_function, prepare_padding_mask
+
+    if mask_function is not None and mask_function is not causal_mask_function:
+        raise ValueError(
+            "vskip attention supports plain causal masks only; this model asked for a custom mask pattern "
+            f"({getattr(mask_function, '__name__', mask_function)}: sliding window, chunked, packed sequences "
+            "or bidirectional blocks)"
+        )
+    if attention_mask is None:
+        return None
+    mask = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    return mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+
+
+def register() -> None:
+    """Idempotent: make ``"vskip"`` a valid attention implementation with its mask function."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, vskip_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, vskip_mask)

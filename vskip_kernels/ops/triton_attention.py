@@ -1,0 +1,370 @@
+"""Launcher of the block-sparse prefill attention kernel (``triton_attention_kernel``).
+
+Also home of the debug tile counter (``count_tiles``) every Triton kernel of the
+library reports to, and of the AOT specs the compile gate checks.
+
+fp32 inputs are supported: scores and the PV product then use exact fp32 dots
+(``input_precision="ieee"``, no TF32), so they match the fp32 reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+from ..schedule import POLICY_CODES, Schedule
+from .aot import SMEM_LIMITS, TARGETS, AotSpec
+from .dispatch import interpreter_on
+from .triton_attention_kernel import attn_fwd_kernel
+
+LOG2E = 1.4426950408889634
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
+# Autotune varies only these; tile sizes come from the schedule.
+TUNE_CONFIGS = ((4, 2), (4, 3), (8, 3), (8, 4))
+HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
+# ----------------------------------------------------------------------------- tile counter
+
+
+class TileCount:
+    """Device-side int32 count of processed (query tile, key tile) pairs."""
+
+    def __init__(self, device):
+        self.tensor = torch.zeros(1, dtype=torch.int32, device=device)
+
+    @property
+    def value(self) -> int:
+        return int(self.tensor.item())
+
+
+_ACTIVE: list[TileCount] = []
+
+
+@contextlib.contextmanager
+def count_tiles(device=None):
+    """Count tile pairs processed by Triton kernels launched inside the block.
+
+    The counter lives on ``device`` (default: CUDA when kernels run on the GPU, CPU
+    under the interpreter). Kernels launched while it is active are compiled with
+    COUNT_TILES=True and add 1 per tile pair; read ``.value`` afterwards.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and not interpreter_on() else "cpu"
+    counter = TileCount(device)
+    _ACTIVE.append(counter)
+    try:
+        yield counter
+    finally:
+        _ACTIVE.remove(counter)
+
+
+def active_counter() -> torch.Tensor | None:
+    """The int32 [1] tensor kernels should atomically add to, or None when not counting."""
+    return _ACTIVE[-1].tensor if _ACTIVE else None
+
+
+def _counter_arg(device: torch.device) -> tuple[torch.Tensor, bool]:
+    counter = active_counter()
+    if counter is None:
+        return torch.empty(1, dtype=torch.int32, device=device), False
+    if counter.device.type != device.type:
+        raise ValueError(f"count_tiles() counter is on {counter.device} but the kernel runs on {device}; "
+                         f"use count_tiles(device={str(device)!r})")
+    return counter, True
+
+
+# ----------------------------------------------------------------------------- tile sizes / smem
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _check_head_dim(head_dim: int) -> None:
+    if not 16 <= head_dim <= 256:
+        raise ValueError(f"triton attention supports head dims 16..256 (64, 80, 96, 128, 256 tuned), got D={head_dim}")
+
+
+def smem_estimate(cc: int, block_m: int, block_n: int, head_dim: int, dtype: str, num_stages: int) -> int:
+    """Upper bound (bytes) of the kernel's shared memory, checked by the compile gate.
+
+    K and V tiles are buffered ``num_stages`` deep by the software pipeliner; on sm90
+    the Q tile also sits in shared memory as the wgmma A operand (earlier targets
+    keep it in registers). 2 KiB covers reduction scratch and barriers.
+    """
+    e, bd = _ELEM[dtype], _block_d(head_dim)
+    q = block_m * bd * e if cc >= 90 else 0
+    return num_stages * 2 * block_n * bd * e + q + 2048
+
+
+def _capability(device: torch.device) -> int:
+    if device.type != "cuda" or interpreter_on():
+        return 90  # interpreter: no smem limit applies; pretend the largest target
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def _smem_limit(cc: int) -> int:
+    if cc in SMEM_LIMITS:
+        return SMEM_LIMITS[cc]
+    # Unknown arch: use the closest known one at or below it (never overestimate).
+    known = [c for c in SMEM_LIMITS if c <= cc]
+    return SMEM_LIMITS[max(known)] if known else min(SMEM_LIMITS.values())
+
+
+def configs_for(cc: int, dtype: str, head_dim: int, block_m: int, block_n: int) -> list[tuple[int, int]]:
+    """(num_warps, num_stages) configs whose shared memory fits sm_<cc>."""
+    lim = _smem_limit(cc)
+    return [(w, s) for w, s in TUNE_CONFIGS if smem_estimate(cc, block_m, block_n, head_dim, dtype, s) <= lim]
+
+
+def _default_blocks(cc: int, dtype: str, head_dim: int) -> tuple[int, int]:
+    big_smem = cc in (80, 90) or cc >= 100 or cc == 87
+    if dtype == "fp32":  # correctness path (exact fp32 dots): small tiles fit every target
+        return (64, 32) if head_dim <= 128 else (32, 16)
+    if head_dim <= 128 and big_smem:
+        return 128, 64
+    if head_dim <= 128:
+        return 64, 64
+    return (64, 64) if big_smem else (64, 32)
+
+
+def block_sizes(q: torch.Tensor) -> tuple[int, int]:
+    """(block_m, block_n) to plan schedules with for inputs like ``q``."""
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"triton attention supports float16, bfloat16 and float32, got {q.dtype}")
+    _check_head_dim(q.shape[-1])
+    if q.device.type != "cuda" or interpreter_on():
+        return 64, 64
+    return _default_blocks(_capability(q.device), _DTYPES[q.dtype], q.shape[-1])
+
+
+# ----------------------------------------------------------------------------- launch
+
+_TUNE_KEY = ["TUNE_N", "GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "POLICY", "VISUAL_SELF", "WANT_MASS", "WANT_LSE"]
+
+
+def _prune(configs, named_args, **kwargs):
+    q = named_args["Q"]
+    cc = _capability(q.device)
+    fits = set(configs_for(cc, _DTYPES[q.dtype], kwargs["HEAD_DIM"], kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+    return [c for c in configs if (c.num_warps, c.num_stages) in fits]
+
+
+_tuned_kernel = None
+
+
+def _autotuned():
+    global _tuned_kernel
+    if _tuned_kernel is None:
+        _tuned_kernel = triton.autotune(
+            configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in TUNE_CONFIGS],
+            key=_TUNE_KEY,
+            prune_configs_by={"early_config_prune": _prune},
+        )(attn_fwd_kernel)
+    return _tuned_kernel
+
+
+def _decode_module():
+    from . import triton_decode  # lazy: it imports this module for the tile counter
+
+    return triton_decode
+
+
+def _check_schedule(q, k, schedule: Schedule) -> None:
+    bm, bn = schedule.block_m, schedule.block_n
+    for name, blk in (("block_m", bm), ("block_n", bn)):
+        if blk not in (16, 32, 64, 128):
+            raise ValueError(f"schedule.{name} must be a power of two in 16..128 for the triton kernel, got {blk}")
+    b, nq, nk = q.shape[0], q.shape[2], k.shape[2]
+    mt, nt = triton.cdiv(nq, bm), triton.cdiv(nk, bn)
+    expect = {"kind": (b, nk), "full_cnt": (b, mt), "part_cnt": (b, mt), "full_idx": (b, mt, nt), "part_idx": (b, mt, nt)}
+    for name, shape in expect.items():
+        t = getattr(schedule, name)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"schedule.{name} must be {list(shape)} for B={b}, Nq={nq}, Nk={nk}, "
+                             f"block {bm}x{bn}; got {list(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"schedule.{name} is on {t.device} but q is on {q.device}")
+        want = torch.int8 if name == "kind" else torch.int32
+        if t.dtype != want:
+            raise ValueError(f"schedule.{name} must be {want}, got {t.dtype}")
+
+
+def attention_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_mass: bool, want_lse: bool):
+    """(out [B,Hq,Nq,D] in q's dtype, mass fp32 [B,Hq,Nq] | None, lse fp32 [B,Hq,Nq] | None)."""
+    dec = _decode_module()
+    if dec is not None and dec.use_decode_path(q, k):
+        return dec.decode_forward(q, k, v, schedule, softmax_scale, want_mass, want_lse)
+
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"triton attention supports float16, bfloat16 and float32, got {q.dtype}")
+    bsz, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    _check_head_dim(d)
+    _check_schedule(q, k, schedule)
+    bm, bn = schedule.block_m, schedule.block_n
+    dtype = _DTYPES[q.dtype]
+    cc = _capability(q.device)
+    fitting = configs_for(cc, dtype, d, bm, bn)
+    if not fitting:
+        raise ValueError(f"block {bm}x{bn} with head dim {d} in {q.dtype} does not fit the shared memory of "
+                         f"sm_{cc} ({_smem_limit(cc)} bytes); plan the schedule with smaller block_m/block_n "
+                         f"(block_sizes(q) gives {block_sizes(q)})")
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    mass = torch.empty((bsz, hq, nq), dtype=torch.float32, device=q.device) if want_mass else None
+    lse = torch.empty((bsz, hq, nq), dtype=torch.float32, device=q.device) if want_lse else None
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+    counter, counting = _counter_arg(q.device)
+    kind = schedule.kind if schedule.kind.stride(-1) == 1 else schedule.kind.contiguous()
+    full_idx, part_idx = schedule.full_idx.contiguous(), schedule.part_idx.contiguous()
+    full_cnt, part_cnt = schedule.full_cnt.contiguous(), schedule.part_cnt.contiguous()
+
+    args = (
+        q, k, v, out, mass if want_mass else dummy, lse if want_lse else dummy, kind,
+        full_cnt, full_idx, part_cnt, part_idx, counter,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        kind.stride(0), full_cnt.stride(0), full_idx.stride(0), full_idx.stride(1),
+        hq, hq // hkv, nq, nk, float(softmax_scale) * LOG2E, triton.next_power_of_2(nq),
+    )
+    meta = dict(
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn,
+        POLICY=POLICY_CODES[schedule.policy], VISUAL_SELF=bool(schedule.visual_self),
+        WANT_MASS=bool(want_mass), WANT_LSE=bool(want_lse), COUNT_TILES=counting,
+        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+        # Triton's interpreter multiplies bf16 operands as raw bits; bf16 x bf16 products
+        # are exact in fp32, so dotting the upcast operands is the GPU's numerics.
+        DOT_F32=dtype == "bf16" and interpreter_on(),
+    )
+    grid = (schedule.num_m_tiles, bsz * hq)
+    if interpreter_on() or counting:
+        # The interpreter ignores warps/stages; a counted run must not be benchmarked
+        # (autotuning would add every trial launch to the counter).
+        w, s = fitting[0]
+        attn_fwd_kernel[grid](*args, **meta, num_warps=w, num_stages=s)
+    else:
+        _autotuned()[grid](*args, **meta)
+    return out, mass, lse
+
+
+# ----------------------------------------------------------------------------- AOT specs
+
+
+@dataclass(frozen=True)
+class TargetedAotSpec(AotSpec):
+    """An AotSpec launched only on ``targets`` (smem-pruned autotune), compiled with
+    ``attrs`` (16-byte divisibility of pointers and strides, as Triton specialises
+    them at run time: without it the loads are not vectorised, the K/V pipeline is
+    not built and the measured shared memory is far below what really runs)."""
+
+    targets: tuple = TARGETS
+    attrs: dict = field(default_factory=dict)
+
+
+_ALIGNED_INTS = tuple(f"stride_{t}{s}" for t in "qkvo" for s in "bh") + ("stride_qm", "stride_om", "stride_kn", "stride_vn")
+_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
+
+
+def _compilable(kernel):
+    """A JITFunction of ``kernel`` whose @triton.jit helpers are JITFunctions too.
+
+    Under TRITON_INTERPRET=1 every @triton.jit object is an interpreter function, so
+    re-wrapping only the kernel leaves its helpers uncompilable; rebuild them over a
+    copy of the module globals. (Compiling under the interpreter still fails on
+    triton.language's own @jit helpers such as tl.sum, so the compile gate compiles
+    in a subprocess without the interpreter.)
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(kernel, InterpretedFunction):
+        return kernel
+    env = dict(kernel.fn.__globals__)
+
+    def rebuild(f):
+        return JITFunction(types.FunctionType(f.__code__, env, f.__name__, f.__defaults__, f.__closure__))
+
+    for name, val in list(env.items()):
+        if isinstance(val, InterpretedFunction):
+            env[name] = rebuild(val.fn)
+    return rebuild(kernel.fn)
+
+
+def _signature(dtype: str) -> dict:
+    ptr = f"*{dtype}"
+    sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Mass": "*fp32", "Lse": "*fp32", "Kind": "*i8",
+           "FullCnt": "*i32", "FullIdx": "*i32", "PartCnt": "*i32", "PartIdx": "*i32", "Counter": "*i32"}
+    for t in "qkvo":
+        for s in "bhmd" if t in "qo" else "bhnd":
+            sig[f"stride_{t}{s}"] = "i32"
+    for name in ("stride_kind_b", "stride_cnt_b", "stride_idx_b", "stride_idx_m", "Hq", "GROUP", "Nq", "Nk"):
+        sig[name] = "i32"
+    sig["qk_scale"] = "fp32"
+    sig["TUNE_N"] = "i32"
+    for name in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "POLICY", "VISUAL_SELF", "WANT_MASS", "WANT_LSE",
+                 "COUNT_TILES", "DOT_PRECISION", "DOT_F32") + _UNIT_STRIDES:
+        sig[name] = "constexpr"
+    return sig
+
+
+def _attrs(sig: dict) -> dict:
+    names = list(sig)  # same order as the kernel's parameters
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+            if sig[n].startswith("*") or n in _ALIGNED_INTS}
+
+
+def aot_specs() -> list[AotSpec]:
+    """Every (autotune config x default tile size x head dim) the launcher can pick, with
+    the architectures the gate compiles it for.
+
+    Shared memory depends only on tile sizes x BLOCK_D (next power of two of the head
+    dim) x element size, which keeps the gate within minutes on a small CPU:
+    - fp16: every config that fits, on every architecture that picks the tile, for
+      BLOCK_D 64, 128 and 256; D=80 and D=96 (BLOCK_D 128, same smem as D=128) in
+      their deepest config.
+    - bf16 has fp16's smem: its deepest config once per head dim (first target).
+    - fp32 (exact FMA dots, same tiles everywhere): deepest config on sm86 (least smem)
+      and sm90 (different lowering).
+    WANT_MASS=True with POLICY=vskip and VISUAL_SELF is the largest code (mass adds
+    registers, not shared memory); the other variants only drop terms.
+    """
+    kernel = _compilable(attn_fwd_kernel)
+    if list(_signature("fp16")) != list(kernel.arg_names):  # attrs are keyed by parameter index
+        raise AssertionError(f"_signature is out of sync with attn_fwd_kernel's parameters {kernel.arg_names}")
+    specs = []
+    for d in HEAD_DIMS:
+        for dtype in ("fp16", "bf16", "fp32"):
+            sig = _signature(dtype)
+            for bm, bn in sorted({_default_blocks(cc, dtype, d) for cc in TARGETS}, reverse=True):
+                users = [cc for cc in TARGETS if _default_blocks(cc, dtype, d) == (bm, bn)]
+                fits = {cc: configs_for(cc, dtype, d, bm, bn) for cc in users}
+                if dtype == "fp16" and d in (64, 128, 256):
+                    jobs = [((w, s), tuple(cc for cc in users if (w, s) in fits[cc])) for w, s in TUNE_CONFIGS]
+                else:
+                    common = [c for c in TUNE_CONFIGS if all(c in fits[cc] for cc in users)]
+                    if not common:
+                        raise AssertionError(f"no config fits every user of tile {bm}x{bn} for {dtype} D={d}")
+                    deepest = max(common, key=lambda c: (c[1], c[0]))
+                    targets = {"fp16": tuple(users), "bf16": tuple(users[:1]),
+                               "fp32": tuple(cc for cc in users if cc in (86, 90))}[dtype]
+                    jobs = [(deepest, targets)]
+                for (w, s), targets in jobs:
+                    if not targets:
+                        continue
+                    specs.append(TargetedAotSpec(
+                        name=f"attn_{dtype}_d{d}_m{bm}n{bn}_w{w}s{s}",
+                        fn=kernel,
+                        signature=sig,
+                        constexprs={"HEAD_DIM": d, "BLOCK_D": _block_d(d), "BLOCK_M": bm, "BLOCK_N": bn,
+                                    "POLICY": 1, "VISUAL_SELF": True, "WANT_MASS": True, "WANT_LSE": True,
+                                    "COUNT_TILES": False, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "DOT_F32": False,
+                                    **{n: 1 for n in _UNIT_STRIDES}},
+                        num_warps=w, num_stages=s, targets=targets, attrs=_attrs(sig),
+                    ))
+    return specs

@@ -1,0 +1,443 @@
+"""Split-KV (flash-decoding) attention for a few queries against a long KV cache.
+
+A decode step has one query per sequence (a handful with speculative or chunked
+decoding), so the prefill kernel's grid of (sequence, head, query tile) would
+leave most SMs idle while it walks a 32k cache. Here the query heads of one GQA
+group (times the Nq queries) are packed as the rows of one tile, so each K/V tile
+is read once per KV head, and the list of live key tiles is split among
+NUM_SPLITS programs. Each split leaves fp32 partials (normalised output, log2
+LSE, visual share) that a second kernel merges with LSE weights.
+
+The key tiles come from the same ``Schedule`` as the prefill kernel: a key tile
+with no allowed entry for any of the queries is never loaded.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..schedule import POLICY_CODES, Schedule
+from .aot import AotSpec
+from .dispatch import interpreter_on
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Decode rows are (query head, query) pairs of one KV head; more than this many
+# rows are spread over several programs (row blocks) that each re-read K/V.
+MAX_DECODE_QUERIES = 16
+ROW_BLOCKS = (16, 64)
+BLOCK_DS = (64, 128, 256)  # padded head dims: 64 | 80, 96, 128 | 256
+# Interpreter runs use a small fixed split count so tests cross split boundaries.
+CPU_SPLITS = 4
+MAX_SPLITS = 128
+MERGE_ROWS = 16
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def use_decode_path(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Few queries against the cache: one query tile per head could not fill the GPU."""
+    return q.shape[2] <= MAX_DECODE_QUERIES
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _block_n(block_d: int, dtype: str) -> int:
+    # K and V tiles of at most 16 KiB each: double-buffered, plus the Q tile, they
+    # stay inside sm86/sm89's 99 KiB at every head dim.
+    return min(64, 16384 // (block_d * _ELEM[dtype]))
+
+
+def _num_warps(block_r: int, block_d: int) -> int:
+    return 8 if block_r * block_d >= 64 * 128 else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_splits(batch_programs: int, max_tiles: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head, row block): about two waves of programs, at
+    least one key tile each."""
+    if max_tiles <= 1:
+        return 1
+    if device.type != "cuda":
+        return min(CPU_SPLITS, max_tiles)
+    want = triton.cdiv(2 * _sm_count(device.index or 0), max(1, batch_programs))
+    return max(1, min(want, max_tiles, MAX_SPLITS))
+
+
+def _tile_counter():
+    from . import triton_attention
+
+    return triton_attention.active_counter()
+
+
+def _union_lists(schedule: Schedule):
+    """(full_cnt, full_idx, part_cnt, part_idx) with one row per sequence.
+
+    With a single query tile (always so for Nq <= block_m) these are the schedule's
+    own lists. Otherwise the decode tile holds several query tiles, so it visits
+    the union of their key tiles, all masked per element.
+    """
+    if schedule.num_m_tiles == 1:
+        return schedule.full_cnt[:, 0], schedule.full_idx[:, 0], schedule.part_cnt[:, 0], schedule.part_idx[:, 0]
+    live = schedule.live_mask().any(1)
+    cnt = live.sum(-1, dtype=torch.int32)
+    idx = torch.sort(live.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
+    return torch.zeros_like(cnt), torch.zeros_like(idx), cnt, idx.contiguous()
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, KIND, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
+    O_PART, LSE_PART, VIS_PART,
+    OUT, MASS, LSE, CNT,
+    sm_scale_log2, n_kv_heads, group, nq, nk, head_dim, tile_n, heads_per_block, n_row_blocks,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_kind, stride_cnt, stride_idx,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, POLICY: tl.constexpr, VISUAL_SELF: tl.constexpr,
+    WANT_MASS: tl.constexpr, DIRECT: tl.constexpr, COUNT_TILES: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rb = pid % n_row_blocks
+    bh = pid // n_row_blocks
+    # 64-bit offsets: a batch of long caches passes 2**31 elements.
+    b = (bh // n_kv_heads).to(tl.int64)
+    hkv = (bh % n_kv_heads).to(tl.int64)
+
+    # Rows are whole heads (heads_per_block of them, nq rows each), so each query
+    # head's tile pairs are counted once even when the group spans row blocks.
+    lr = tl.arange(0, BLOCK_R)
+    g = rb * heads_per_block + lr // nq
+    qi = lr % nq
+    row_ok = (lr < heads_per_block * nq) & (g < group)
+    qpos = nk - nq + qi
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+
+    qkind = tl.load(KIND + b * stride_kind + qpos, mask=row_ok, other=0)
+    row_live = row_ok & (qkind != 0)
+    if POLICY == 2:
+        row_live = row_live & (qkind != 2)
+    row_vis = qkind == 2
+
+    head = hkv * group + g
+    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+    kind_base = KIND + b * stride_kind
+
+    fc = tl.load(FULL_CNT + b * stride_cnt)
+    total = fc + tl.load(PART_CNT + b * stride_cnt)
+    per_split = (total + NUM_SPLITS - 1) // NUM_SPLITS
+    start = split * per_split
+    end = tl.minimum(start + per_split, total)
+    n_heads_here = tl.minimum(heads_per_block, group - rb * heads_per_block)
+
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    vis_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for t in range(start, end):
+        in_full = t < fc
+        n_full = tl.load(FULL_IDX + b * stride_idx + t, mask=in_full, other=0)
+        n_part = tl.load(PART_IDX + b * stride_idx + t - fc, mask=t >= fc, other=0)
+        tile = tl.where(in_full, n_full, n_part)
+        if COUNT_TILES:
+            tl.atomic_add(CNT, n_heads_here)
+        # Decode is bound by K/V traffic, so full tiles take the masked path too.
+        for sub in range(0, tile_n, BLOCK_N):
+            offs_n = tile * tile_n + sub + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < nk
+            kk = tl.load(kind_base + offs_n, mask=n_ok, other=0)
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if F32_DOT:
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * sm_scale_log2
+            allowed = row_live[:, None] & (kk != 0)[None, :] & (offs_n[None, :] <= qpos[:, None])
+            if POLICY == 1:
+                blocked = row_vis[:, None] & (kk == 2)[None, :]
+                if VISUAL_SELF:
+                    blocked = blocked & (offs_n[None, :] != qpos[:, None])
+                allowed = allowed & ~blocked
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with nothing allowed yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if WANT_MASS:
+                vis_i = vis_i * alpha + tl.sum(tl.where((kk == 2)[None, :], p, 0.0), 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if F32_DOT:
+                # p is still rounded to v's dtype, as the tensor-core path does.
+                pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+                acc = acc * alpha[:, None] + pv
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse2 = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
+    frac = vis_i / l_safe
+    if DIRECT:
+        o_ptrs = OUT + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_on + offs_d[None, :]
+        tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        stat = (b * n_kv_heads * group + head) * nq + qi
+        tl.store(LSE + stat, lse2 * 0.6931471805599453, mask=row_ok)
+        if WANT_MASS:
+            tl.store(MASS + stat, frac, mask=row_ok)
+    else:
+        # partials: [B * Hkv, NUM_SPLITS, group * nq (, head_dim)], row = g * nq + i
+        prow = (bh * NUM_SPLITS + split) * (group * nq) + g * nq + qi
+        tl.store(O_PART + prow[:, None] * head_dim + offs_d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE_PART + prow, lse2, mask=row_ok)
+        if WANT_MASS:
+            tl.store(VIS_PART + prow, frac, mask=row_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    O_PART, LSE_PART, VIS_PART, OUT, MASS, LSE,
+    n_kv_heads, group, nq, head_dim, num_splits,
+    stride_ob, stride_oh, stride_on,
+    BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr, WANT_MASS: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    rows = group * nq
+    row = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # g * nq + i
+    row_ok = row < rows
+    b = (bh // n_kv_heads).to(tl.int64)
+    head = (bh % n_kv_heads).to(tl.int64) * group + row // nq
+    qi = row % nq
+    offs_d = tl.arange(0, BLOCK_D)
+    mask2 = row_ok[:, None] & (offs_d < head_dim)[None, :]
+
+    # Online LSE merge over the splits: no reduction over a split axis, so any
+    # split count works with one compiled kernel.
+    top = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
+    w_sum = tl.zeros([BLOCK_ROWS], tl.float32)
+    vis = tl.zeros([BLOCK_ROWS], tl.float32)
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
+    base = bh * num_splits * rows + row
+    for s in range(0, num_splits):
+        lse_s = tl.load(LSE_PART + base + s * rows, mask=row_ok, other=float("-inf"))
+        new_top = tl.maximum(top, lse_s)
+        # Splits with nothing allowed carry -inf; shift by 0 so they weigh 0, not NaN.
+        safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+        alpha = tl.exp2(top - safe)
+        w = tl.exp2(lse_s - safe)
+        o_s = tl.load(O_PART + (base + s * rows)[:, None] * head_dim + offs_d[None, :], mask=mask2, other=0.0)
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        w_sum = w_sum * alpha + w
+        if WANT_MASS:
+            vis = vis * alpha + w * tl.load(VIS_PART + base + s * rows, mask=row_ok, other=0.0)
+        top = new_top
+    has = w_sum > 0.0
+    w_safe = tl.where(has, w_sum, 1.0)
+    o_ptrs = OUT + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, (acc / w_safe[:, None]).to(OUT.dtype.element_ty), mask=mask2)
+    stat = (b * n_kv_heads * group + head) * nq + qi
+    tl.store(LSE + stat, tl.where(has, top + tl.log2(w_safe), float("-inf")) * 0.6931471805599453, mask=row_ok)
+    if WANT_MASS:
+        tl.store(MASS + stat, vis / w_safe, mask=row_ok)
+
+
+def _row_blocks(dtype: str) -> tuple[int, ...]:
+    # A 64-row fp32 Q tile at head dim 256 alone takes 64 KiB of shared memory.
+    return ROW_BLOCKS[:1] if dtype == "fp32" else ROW_BLOCKS
+
+
+def _row_block(group: int, nq: int, dtype: str) -> tuple[int, int]:
+    """(BLOCK_R, heads per row block): the smallest row block holding the whole
+    group, else the largest one holding as many whole heads as fit."""
+    blocks = _row_blocks(dtype)
+    block_r = next((r for r in blocks if r >= group * nq), blocks[-1])
+    return block_r, min(group, block_r // nq)
+
+
+def _f32_dot(dtype: torch.dtype) -> bool:
+    # fp32 inputs: exact dots (no TF32). bf16 under the interpreter: its dot
+    # misreads bf16 operands, and fp32 dots of bf16 values give the same products.
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_on())
+
+
+def _counter_arg(device: torch.device):
+    counter = _tile_counter()
+    if counter is not None and counter.device.type != device.type:
+        raise ValueError(f"count_tiles() counter is on {counter.device} but the kernel runs on {device}")
+    return counter
+
+
+def decode_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_mass: bool, want_lse: bool):
+    """q [B, Hq, Nq, D] (the last Nq of Nk positions), k/v [B, Hkv, Nk, D].
+
+    Returns (out [B, Hq, Nq, D] in q's dtype, visual mass fp32 [B, Hq, Nq] or None,
+    lse fp32 [B, Hq, Nq] or None).
+    """
+    bsz, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"decode attention supports float16, bfloat16 and float32, got {q.dtype}")
+    if not 16 <= d <= 256:
+        raise ValueError(f"decode attention supports head dims 16..256 (64, 80, 96, 128, 256 tuned), got D={d}")
+    dtype = _DTYPES[q.dtype]
+    if nq > _row_blocks(dtype)[-1]:
+        raise ValueError(f"decode attention takes at most {_row_blocks(dtype)[-1]} {q.dtype} queries, got Nq={nq}")
+    if (schedule.nq, schedule.nk, schedule.kind.shape[0]) != (nq, nk, bsz):
+        raise ValueError(f"schedule was planned for B={schedule.kind.shape[0]}, Nq={schedule.nq}, "
+                         f"Nk={schedule.nk}; got B={bsz}, Nq={nq}, Nk={nk}")
+    group = hq // hkv
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    kind = schedule.kind if schedule.kind.stride(-1) == 1 else schedule.kind.contiguous()
+    full_cnt, full_idx, part_cnt, part_idx = (t.contiguous() for t in _union_lists(schedule))
+
+    block_d = _block_d(d)
+    block_n = min(_block_n(block_d, dtype), schedule.block_n)
+    block_r, heads_per_block = _row_block(group, nq, dtype)
+    n_row_blocks = triton.cdiv(group, heads_per_block)
+    programs = bsz * hkv * n_row_blocks
+    splits = num_splits(programs, schedule.num_n_tiles, q.device)
+
+    out = torch.empty(bsz, hq, nq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device)
+    mass = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device) if want_mass else lse
+    direct = splits == 1
+    if direct:
+        o_part = lse_part = vis_part = lse
+    else:
+        o_part = torch.empty(bsz * hkv, splits, group * nq, d, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(bsz * hkv, splits, group * nq, dtype=torch.float32, device=q.device)
+        vis_part = torch.empty_like(lse_part) if want_mass else lse_part
+    counter = _counter_arg(q.device)
+
+    _decode_split_kernel[(programs, splits)](
+        q, k, v, kind, full_cnt, full_idx, part_cnt, part_idx,
+        o_part, lse_part, vis_part, out, mass, lse, counter if counter is not None else full_cnt,
+        softmax_scale * LOG2E, hkv, group, nq, nk, d, schedule.block_n, heads_per_block, n_row_blocks,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        kind.stride(0), full_cnt.stride(0), full_idx.stride(0),
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
+        NUM_SPLITS=splits, POLICY=POLICY_CODES[schedule.policy], VISUAL_SELF=bool(schedule.visual_self),
+        WANT_MASS=bool(want_mass), DIRECT=direct, COUNT_TILES=counter is not None,
+        F32_DOT=_f32_dot(q.dtype), num_warps=_num_warps(block_r, block_d), num_stages=2,
+    )
+    if not direct:
+        rows = group * nq
+        _decode_merge_kernel[(bsz * hkv, triton.cdiv(rows, MERGE_ROWS))](
+            o_part, lse_part, vis_part, out, mass, lse,
+            hkv, group, nq, d, splits,
+            out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_D=block_d, BLOCK_ROWS=MERGE_ROWS, WANT_MASS=bool(want_mass), num_warps=4,
+        )
+    return out, (mass if want_mass else None), (lse if want_lse else None)
+
+
+def _split_signature(dt: str) -> dict:
+    sig = {n: f"*{dt}" for n in ("Q", "K", "V")}
+    sig.update(KIND="*i8", FULL_CNT="*i32", FULL_IDX="*i32", PART_CNT="*i32", PART_IDX="*i32",
+               O_PART="*fp32", LSE_PART="*fp32", VIS_PART="*fp32", OUT=f"*{dt}", MASS="*fp32", LSE="*fp32",
+               CNT="*i32", sm_scale_log2="fp32")
+    for name in ("n_kv_heads", "group", "nq", "nk", "head_dim", "tile_n", "heads_per_block", "n_row_blocks",
+                 "stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
+                 "stride_vb", "stride_vh", "stride_vn", "stride_ob", "stride_oh", "stride_on",
+                 "stride_kind", "stride_cnt", "stride_idx"):
+        sig[name] = "i32"
+    for name in ("BLOCK_R", "BLOCK_N", "BLOCK_D", "NUM_SPLITS", "POLICY", "VISUAL_SELF",
+                 "WANT_MASS", "DIRECT", "COUNT_TILES", "F32_DOT"):
+        sig[name] = "constexpr"
+    return sig
+
+
+def _merge_signature(dt: str) -> dict:
+    sig = dict(O_PART="*fp32", LSE_PART="*fp32", VIS_PART="*fp32", OUT=f"*{dt}", MASS="*fp32", LSE="*fp32")
+    for name in ("n_kv_heads", "group", "nq", "head_dim", "num_splits", "stride_ob", "stride_oh", "stride_on"):
+        sig[name] = "i32"
+    for name in ("BLOCK_D", "BLOCK_ROWS", "WANT_MASS"):
+        sig[name] = "constexpr"
+    return sig
+
+
+# Integer arguments that are multiples of 16 at run time (Triton specialises them,
+# which enables vectorised loads and the multi-buffered K/V pipeline).
+_ALIGNED_INTS = ("head_dim", "tile_n", "stride_qb", "stride_qh", "stride_qn", "stride_qs", "stride_kb", "stride_kh",
+                 "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_ob", "stride_oh", "stride_on")
+
+
+def _spec(*, fn, signature, **kw) -> AotSpec:
+    """An AotSpec with the run-time divisibility attributes, so the gate measures the
+    kernel that really runs (launch-time alignment raises shared memory use)."""
+    from .triton_attention import TargetedAotSpec
+
+    code = fn.fn.__code__  # the Python function behind a JIT or interpreter kernel
+    names = code.co_varnames[: code.co_argcount]
+    if set(names) != set(signature):
+        raise ValueError(f"{fn.fn.__name__} signature lists {sorted(signature)}, the kernel takes {names}")
+    signature = {n: signature[n] for n in names}  # attrs are keyed by parameter index
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if signature[n].startswith("*") or n in _ALIGNED_INTS}
+    return TargetedAotSpec(fn=fn, signature=signature, attrs=attrs, **kw)
+
+
+def aot_specs() -> list[AotSpec]:
+    """Every tile shape the decode kernels launch with.
+
+    The head dim is a runtime mask bound, so one compiled kernel per padded width
+    (BLOCK_D 64: d64; 128: d80/96/128; 256: d256) serves every head dim. Shared
+    memory depends on the element width and tile shapes, not the element type, so
+    fp16 covers every row block and bf16 (as wide as fp16) is compiled once per
+    width at the larger row block to catch bf16-only lowering problems; fp32 (row
+    block 16 only) once at its largest tile. The policy/mask constexprs only add or
+    drop elementwise ops and are compiled at their heaviest setting (vskip with
+    self, mass on, counting on). NUM_SPLITS only changes index arithmetic; the small
+    row block is compiled with the direct epilogue (one split), the large one with
+    partials.
+    """
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for block_d in BLOCK_DS if dt != "fp32" else BLOCK_DS[-1:]:
+            blocks = _row_blocks(dt) if dt == "fp16" else _row_blocks(dt)[-1:]
+            for block_r in blocks:
+                direct = block_r == ROW_BLOCKS[0] and dt == "fp16"
+                specs.append(_spec(
+                    name=f"decode_split_{dt}_bd{block_d}_r{block_r}_{'direct' if direct else 'split'}",
+                    fn=_decode_split_kernel, signature=_split_signature(dt),
+                    constexprs=dict(BLOCK_R=block_r, BLOCK_N=_block_n(block_d, dt), BLOCK_D=block_d,
+                                    NUM_SPLITS=1 if direct else 8, POLICY=1, VISUAL_SELF=True, WANT_MASS=True,
+                                    DIRECT=direct, COUNT_TILES=True, F32_DOT=dt == "fp32"),
+                    num_warps=_num_warps(block_r, block_d), num_stages=2,
+                ))
+        # The merge keeps nothing in shared memory; the dtype only changes the final cast.
+        for block_d in BLOCK_DS if dt == "fp16" else BLOCK_DS[-1:]:
+            specs.append(_spec(
+                name=f"decode_merge_{dt}_bd{block_d}",
+                fn=_decode_merge_kernel, signature=_merge_signature(dt),
+                constexprs=dict(BLOCK_D=block_d, BLOCK_ROWS=MERGE_ROWS, WANT_MASS=True),
+                num_warps=4,
+            ))
+    return specs
