@@ -107,6 +107,10 @@ def flex(q, k, v, kind, policy, *, compiled: bool, visual_self: bool = True):
     nq, nk = q.shape[2], k.shape[2]
     bm = create_block_mask(flex_mask_mod(kind, nq, policy, visual_self), kind.shape[0], None, nq, nk,
                            device=q.device)
+    if compiled:
+        # every shape and policy compiles anew; without a reset dynamo's recompile limit would
+        # silently drop later cases to the unfused path
+        torch._dynamo.reset()
     fa = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
     gqa = q.shape[1] != k.shape[1]
     fn = lambda: fa(q, k, v, block_mask=bm, enable_gqa=gqa)  # noqa: E731

@@ -255,8 +255,17 @@ def make_plots(docs: list[dict], plots_dir: str) -> list[str]:
     except ImportError:
         print("make_table: matplotlib is not installed; no plots written", file=sys.stderr)
         return []
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     os.makedirs(plots_dir, exist_ok=True)
     written = []
+
+    def log_axes(ax):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+            axis.set_minor_formatter(NullFormatter())
 
     def save(fig, name):
         path = os.path.join(plots_dir, name)
@@ -282,8 +291,8 @@ def make_plots(docs: list[dict], plots_dir: str) -> list[str]:
                 for b, pts in sorted(series.items()):
                     pts.sort()
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b)
-                ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="ms (median)",
-                       title=f"{policy} attention — {gpu}")
+                log_axes(ax)
+                ax.set(xlabel="sequence length", ylabel="ms (median)", title=f"{policy} attention — {gpu}")
                 ax.legend(fontsize=7)
                 save(fig, f"attention-{policy}-{_slug(gpu)}.png")
         elif d["suite"] == "decode":
@@ -296,8 +305,8 @@ def make_plots(docs: list[dict], plots_dir: str) -> list[str]:
                 for b, pts in sorted(series.items()):
                     pts.sort()
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b)
-                ax.set(xscale="log", yscale="log", xlabel="cache length", ylabel="ms (median)",
-                       title=f"decode attention — {gpu}")
+                log_axes(ax)
+                ax.set(xlabel="cache length", ylabel="ms (median)", title=f"decode attention — {gpu}")
                 ax.legend(fontsize=6)
                 save(fig, f"decode-{_slug(gpu)}.png")
         elif d["suite"] == "model":

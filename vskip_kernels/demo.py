@@ -153,9 +153,11 @@ def run_demo(*, quick: bool = False, layers: int = 8, budget: int | None = None,
     model, processor = build_demo(layers, seed, size)
     model = model.to(dev, dtype)
     imgs = random_images(n_cal + n_eval, seed)
-    cal = [prepare(encode(processor, PROMPTS[i:i + 2], [[im] for im in imgs[i:i + 2]]), model)
+    # one prompt per image, cycling through PROMPTS when there are more images than prompts
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_cal + n_eval)]
+    cal = [prepare(encode(processor, prompts[i:i + 2], [[im] for im in imgs[i:i + 2]]), model)
            for i in range(0, n_cal, 2)]
-    ev = prepare(encode(processor, PROMPTS[n_cal:n_cal + n_eval], [[im] for im in imgs[n_cal:]]), model)
+    ev = prepare(encode(processor, prompts[n_cal:], [[im] for im in imgs[n_cal:]]), model)
     n_vis = int((ev["input_ids"][0] == model.config.image_token_id).sum())
     out(f"model: random LLaVA ({size}), {layers} decoder layers, {n_vis} visual tokens per image, {dtype} on {dev}; "
         f"plans of {k} layers; calibration on {n_cal} images, {tokens} tokens generated for {n_eval}")

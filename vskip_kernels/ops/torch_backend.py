@@ -65,7 +65,7 @@ def _chunks(pos_list, step):
             start = i
 
 
-def _attend_chunk(qc, pc, lo, hi, keys, scale, want_out, self_kv):
+def _attend_chunk(qc, pc, lo, hi, keys, want_out, self_kv):
     """Online softmax of one query chunk. qc fp32 [Hkv, G, C, D], pre-scaled; pc long [C] positions in [lo, hi].
 
     Returns (acc [Hkv, G*C, D] | None, m, l, lv) with m/l/lv [Hkv, G*C].
@@ -128,7 +128,7 @@ def _run_rows(b, q, k, v, rows, qpos, keys, scale, results, want_out, with_self)
         self_kv = None
         if with_self:
             self_kv = (k[b].index_select(1, pc), v[b].index_select(1, pc) if want_out else None)
-        acc, m, l, lv = _attend_chunk(qc, pc, pos_list[c0], pos_list[c1 - 1], keys, scale, want_out, self_kv)
+        acc, m, l, lv = _attend_chunk(qc, pc, pos_list[c0], pos_list[c1 - 1], keys, want_out, self_kv)
         empty = m == _NEG_INF  # no allowed key; NaN rows are not "empty" and keep their NaN
         safe_l = torch.where(empty, 1.0, l)
         if mass is not None:

@@ -5,16 +5,18 @@ decoding), so the prefill kernel's grid of (sequence, head, query tile) would
 leave most SMs idle while it walks a 32k cache. Here the query heads of one GQA
 group (times the Nq queries) are packed as the rows of one tile, so each K/V tile
 is read once per KV head, and the list of live key tiles is split among
-NUM_SPLITS programs. Each split leaves fp32 partials (normalised output, log2
+num_splits programs. Each split leaves fp32 partials (normalised output, log2
 LSE, visual share) that a second kernel merges with LSE weights.
 
 The key tiles come from the same ``Schedule`` as the prefill kernel: a key tile
-with no allowed entry for any of the queries is never loaded.
+with no allowed entry for any of the queries is never loaded. Under
+``triton_attention.count_tiles()`` each processed key tile adds the number of
+query heads it served, so the count equals the prefill kernel's convention
+(live (query tile, key tile) pairs x Hq).
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -25,7 +27,6 @@ from .aot import AotSpec
 from .dispatch import interpreter_on
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # Decode rows are (query head, query) pairs of one KV head; more than this many
 # rows are spread over several programs (row blocks) that each re-read K/V.
@@ -101,14 +102,14 @@ def _decode_split_kernel(
     Q, K, V, KIND, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
     O_PART, LSE_PART, VIS_PART,
     OUT, MASS, LSE, CNT,
-    sm_scale_log2, n_kv_heads, group, nq, nk, head_dim, tile_n, heads_per_block, n_row_blocks,
+    sm_scale_log2, n_kv_heads, group, nq, nk, head_dim, tile_n, heads_per_block, n_row_blocks, num_splits,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_kind, stride_cnt, stride_idx,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, POLICY: tl.constexpr, VISUAL_SELF: tl.constexpr,
+    POLICY: tl.constexpr, VISUAL_SELF: tl.constexpr,
     WANT_MASS: tl.constexpr, DIRECT: tl.constexpr, COUNT_TILES: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -145,7 +146,7 @@ def _decode_split_kernel(
 
     fc = tl.load(FULL_CNT + b * stride_cnt)
     total = fc + tl.load(PART_CNT + b * stride_cnt)
-    per_split = (total + NUM_SPLITS - 1) // NUM_SPLITS
+    per_split = (total + num_splits - 1) // num_splits
     start = split * per_split
     end = tl.minimum(start + per_split, total)
     n_heads_here = tl.minimum(heads_per_block, group - rb * heads_per_block)
@@ -210,8 +211,8 @@ def _decode_split_kernel(
         if WANT_MASS:
             tl.store(MASS + stat, frac, mask=row_ok)
     else:
-        # partials: [B * Hkv, NUM_SPLITS, group * nq (, head_dim)], row = g * nq + i
-        prow = (bh * NUM_SPLITS + split) * (group * nq) + g * nq + qi
+        # partials: [B * Hkv, num_splits, group * nq (, head_dim)], row = g * nq + i
+        prow = (bh * num_splits + split) * (group * nq) + g * nq + qi
         tl.store(O_PART + prow[:, None] * head_dim + offs_d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
         tl.store(LSE_PART + prow, lse2, mask=row_ok)
         if WANT_MASS:
@@ -336,14 +337,14 @@ def decode_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_mass:
     _decode_split_kernel[(programs, splits)](
         q, k, v, kind, full_cnt, full_idx, part_cnt, part_idx,
         o_part, lse_part, vis_part, out, mass, lse, counter if counter is not None else full_cnt,
-        softmax_scale * LOG2E, hkv, group, nq, nk, d, schedule.block_n, heads_per_block, n_row_blocks,
+        softmax_scale * LOG2E, hkv, group, nq, nk, d, schedule.block_n, heads_per_block, n_row_blocks, splits,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         kind.stride(0), full_cnt.stride(0), full_idx.stride(0),
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
-        NUM_SPLITS=splits, POLICY=POLICY_CODES[schedule.policy], VISUAL_SELF=bool(schedule.visual_self),
+        POLICY=POLICY_CODES[schedule.policy], VISUAL_SELF=bool(schedule.visual_self),
         WANT_MASS=bool(want_mass), DIRECT=direct, COUNT_TILES=counter is not None,
         F32_DOT=_f32_dot(q.dtype), num_warps=_num_warps(block_r, block_d), num_stages=2,
     )
@@ -363,12 +364,12 @@ def _split_signature(dt: str) -> dict:
     sig.update(KIND="*i8", FULL_CNT="*i32", FULL_IDX="*i32", PART_CNT="*i32", PART_IDX="*i32",
                O_PART="*fp32", LSE_PART="*fp32", VIS_PART="*fp32", OUT=f"*{dt}", MASS="*fp32", LSE="*fp32",
                CNT="*i32", sm_scale_log2="fp32")
-    for name in ("n_kv_heads", "group", "nq", "nk", "head_dim", "tile_n", "heads_per_block", "n_row_blocks",
+    for name in ("n_kv_heads", "group", "nq", "nk", "head_dim", "tile_n", "heads_per_block", "n_row_blocks", "num_splits",
                  "stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
                  "stride_vb", "stride_vh", "stride_vn", "stride_ob", "stride_oh", "stride_on",
                  "stride_kind", "stride_cnt", "stride_idx"):
         sig[name] = "i32"
-    for name in ("BLOCK_R", "BLOCK_N", "BLOCK_D", "NUM_SPLITS", "POLICY", "VISUAL_SELF",
+    for name in ("BLOCK_R", "BLOCK_N", "BLOCK_D", "POLICY", "VISUAL_SELF",
                  "WANT_MASS", "DIRECT", "COUNT_TILES", "F32_DOT"):
         sig[name] = "constexpr"
     return sig
@@ -414,7 +415,7 @@ def aot_specs() -> list[AotSpec]:
     width at the larger row block to catch bf16-only lowering problems; fp32 (row
     block 16 only) once at its largest tile. The policy/mask constexprs only add or
     drop elementwise ops and are compiled at their heaviest setting (vskip with
-    self, mass on, counting on). NUM_SPLITS only changes index arithmetic; the small
+    self, mass on, counting on). The split count is a run-time argument; the small
     row block is compiled with the direct epilogue (one split), the large one with
     partials.
     """
@@ -428,7 +429,7 @@ def aot_specs() -> list[AotSpec]:
                     name=f"decode_split_{dt}_bd{block_d}_r{block_r}_{'direct' if direct else 'split'}",
                     fn=_decode_split_kernel, signature=_split_signature(dt),
                     constexprs=dict(BLOCK_R=block_r, BLOCK_N=_block_n(block_d, dt), BLOCK_D=block_d,
-                                    NUM_SPLITS=1 if direct else 8, POLICY=1, VISUAL_SELF=True, WANT_MASS=True,
+                                    POLICY=1, VISUAL_SELF=True, WANT_MASS=True,
                                     DIRECT=direct, COUNT_TILES=True, F32_DOT=dt == "fp32"),
                     num_warps=_num_warps(block_r, block_d), num_stages=2,
                 ))

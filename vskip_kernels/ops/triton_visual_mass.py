@@ -13,6 +13,8 @@ skipped before K is loaded, from a per-key-block summary (first real and first
 text position) computed once per call: blocks past every row's causal limit,
 non-text blocks for rows that only see text (vskip visual queries, except the
 block holding a row's own position), everything for rows with no allowed key.
+Under ``triton_attention.count_tiles()`` each processed (row block, key block)
+pair adds 1; ``tile_plan`` gives the block sizes to derive the expected count.
 """
 from __future__ import annotations
 
@@ -93,11 +95,11 @@ def _tile_counter(device: torch.device):
 @triton.jit
 def _mass_split_kernel(
     Q, K, KIND, QPOS, FIRST_REAL, FIRST_TEXT, LSE_PART, VIS_PART, MASS, CNT,
-    sm_scale_log2, n_kv_heads, group, n_sel, nk, head_dim, n_key_blocks, n_row_blocks,
+    sm_scale_log2, n_kv_heads, group, n_sel, nk, head_dim, n_row_blocks, num_splits,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_kn,
     stride_kind, stride_sum,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     POLICY: tl.constexpr, VISUAL_SELF: tl.constexpr, DIRECT: tl.constexpr, COUNT_TILES: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
@@ -141,7 +143,7 @@ def _mass_split_kernel(
 
     # Key blocks past the block's last allowed position are never visited or split.
     hi = (tl.maximum(max_u, max_r) + BLOCK_N) // BLOCK_N
-    per_split = (hi + NUM_SPLITS - 1) // NUM_SPLITS
+    per_split = (hi + num_splits - 1) // num_splits
     start = split * per_split
     end = tl.minimum(start + per_split, hi)
     if POLICY == 1 and VISUAL_SELF:
@@ -193,7 +195,7 @@ def _mass_split_kernel(
     if DIRECT:
         tl.store(MASS + ((b * n_kv_heads * group + head) * n_sel + sel), frac, mask=row_ok)
     else:
-        prow = (bh * NUM_SPLITS + split) * (n_sel * group) + r
+        prow = (bh * num_splits + split) * (n_sel * group) + r
         tl.store(LSE_PART + prow, tl.where(has, m_i + tl.log2(l_safe), float("-inf")), mask=row_ok)
         tl.store(VIS_PART + prow, frac, mask=row_ok)
 
@@ -279,11 +281,11 @@ def visual_mass(q, k, kind, q_pos, policy: str, visual_self: bool, softmax_scale
     _mass_split_kernel[(programs, splits)](
         q, k, kind, q_pos, first_real, first_text, lse_part, vis_part, mass,
         counter if counter is not None else q_pos,
-        softmax_scale * LOG2E, hkv, group, n_sel, nk, d, n_key_blocks, n_row_blocks,
+        softmax_scale * LOG2E, hkv, group, n_sel, nk, d, n_row_blocks, splits,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         kind.stride(0), first_real.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=splits,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         POLICY=POLICY_CODES[policy], VISUAL_SELF=bool(visual_self), DIRECT=direct,
         COUNT_TILES=counter is not None, F32_DOT=_f32_dot(q.dtype),
         num_warps=4, num_stages=2,
@@ -307,11 +309,11 @@ def tile_plan(kind: torch.Tensor, q_pos: torch.Tensor, group: int, dtype: torch.
 def _split_signature(dt: str) -> dict:
     sig = dict(Q=f"*{dt}", K=f"*{dt}", KIND="*i8", QPOS="*i32", FIRST_REAL="*i32", FIRST_TEXT="*i32",
                LSE_PART="*fp32", VIS_PART="*fp32", MASS="*fp32", CNT="*i32", sm_scale_log2="fp32")
-    for name in ("n_kv_heads", "group", "n_sel", "nk", "head_dim", "n_key_blocks", "n_row_blocks",
+    for name in ("n_kv_heads", "group", "n_sel", "nk", "head_dim", "n_row_blocks", "num_splits",
                  "stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_kn",
                  "stride_kind", "stride_sum"):
         sig[name] = "i32"
-    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "NUM_SPLITS", "POLICY", "VISUAL_SELF", "DIRECT",
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "POLICY", "VISUAL_SELF", "DIRECT",
                  "COUNT_TILES", "F32_DOT"):
         sig[name] = "constexpr"
     return sig
@@ -358,7 +360,7 @@ def aot_specs() -> list[AotSpec]:
                     name=f"mass_split_{dt}_bd{block_d}_m{block_m}_{'direct' if direct else 'split'}",
                     fn=_mass_split_kernel, signature=_split_signature(dt),
                     constexprs=dict(BLOCK_M=block_m, BLOCK_N=_block_n(block_d, dt), BLOCK_D=block_d,
-                                    NUM_SPLITS=1 if direct else 8, POLICY=1, VISUAL_SELF=True, DIRECT=direct,
+                                    POLICY=1, VISUAL_SELF=True, DIRECT=direct,
                                     COUNT_TILES=True, F32_DOT=dt == "fp32"),
                     num_warps=4, num_stages=2,
                 ))
