@@ -25,6 +25,12 @@ class AotSpec:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+    # targets the config is launched on (autotune prunes configs by each target's smem)
+    targets: tuple = TARGETS
+    # per-parameter specialisation attributes, as Triton applies them at run time
+    # (16-byte divisibility of pointers and strides): without them the compiled kernel
+    # is not the one that runs (no vectorised loads, no K/V pipeline, less smem).
+    attrs: dict = field(default_factory=dict)
 
 
 def compile_spec(spec: AotSpec, cc: int):
@@ -33,7 +39,8 @@ def compile_spec(spec: AotSpec, cc: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=_jit_function(spec.fn), signature=spec.signature, constexprs=spec.constexprs)
+    src = ASTSource(fn=_jit_function(spec.fn), signature=spec.signature, constexprs=spec.constexprs,
+                    attrs=spec.attrs or None)
     return triton.compile(
         src,
         target=GPUTarget("cuda", cc, 32),

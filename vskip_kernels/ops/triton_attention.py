@@ -95,11 +95,14 @@ def smem_estimate(cc: int, block_m: int, block_n: int, head_dim: int, dtype: str
 
     K and V tiles are buffered ``num_stages`` deep by the software pipeliner; on sm90
     the Q tile also sits in shared memory as the wgmma A operand (earlier targets
-    keep it in registers). 2 KiB covers reduction scratch and barriers.
+    keep it in registers). fp32 (FMA dots) stages Q and P in shared memory on every
+    target. 4 KiB covers reduction scratch, layout-conversion scratch and barriers
+    (measured: D=256, 64x32 tiles, 3 stages allocates 4 KiB beyond its buffers).
     """
     e, bd = _ELEM[dtype], _block_d(head_dim)
-    q = block_m * bd * e if cc >= 90 else 0
-    return num_stages * 2 * block_n * bd * e + q + 2048
+    q = block_m * bd * e if cc >= 90 or dtype == "fp32" else 0
+    p = block_m * block_n * e if dtype == "fp32" else 0  # FMA dots stage both operands in smem
+    return num_stages * 2 * block_n * bd * e + q + p + 4096
 
 
 def _capability(device: torch.device) -> int:
@@ -126,7 +129,7 @@ def configs_for(cc: int, dtype: str, head_dim: int, block_m: int, block_n: int) 
 def _default_blocks(cc: int, dtype: str, head_dim: int) -> tuple[int, int]:
     big_smem = cc in (80, 90) or cc >= 100 or cc == 87
     if dtype == "fp32":  # correctness path (exact fp32 dots): small tiles fit every target
-        return (64, 32) if head_dim <= 128 else (32, 16)
+        return (32, 32) if head_dim <= 128 else (16, 16)
     if head_dim <= 128 and big_smem:
         return 128, 64
     if head_dim <= 128:
