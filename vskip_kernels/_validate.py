@@ -76,6 +76,8 @@ def check_qkv(q, k, v=None) -> None:
         raise ValueError("empty batch: q has B=0")
     if nq == 0 or nk == 0:
         raise ValueError(f"zero-length sequence: q has Nq={nq}, k has Nk={nk}")
+    if hq == 0 or q.shape[3] == 0:
+        raise ValueError(f"q must have at least one head and a non-zero head dim, got shape {_shape(q)}")
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"number of query heads ({hq}) must be divisible by number of key/value heads ({hkv})")
     if nq > nk:

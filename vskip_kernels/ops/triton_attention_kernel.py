@@ -148,7 +148,8 @@ def attn_fwd_kernel(
 
     empty = l_i == 0.0  # no allowed key: out 0, mass 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    # where, not just l_safe: 0 * NaN in P @ V would leak a NaN/inf value into empty rows.
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     o_ptrs = Out + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     stat_off = pid_bh.to(tl.int64) * Nq + offs_m

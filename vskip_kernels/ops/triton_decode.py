@@ -200,7 +200,8 @@ def _decode_split_kernel(
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
-    o = acc / l_safe[:, None]
+    # where, not just l_safe: 0 * NaN in P @ V would leak a NaN/inf value into empty rows.
+    o = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
     lse2 = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
     frac = vis_i / l_safe
     if DIRECT:
