@@ -1,6 +1,6 @@
 # Build and install:
 #     pip install torch            # first, the torch you will run with
-#     pip install --no-build-isolation -e ".[test]"
+#     pip install --no-build-isolation --use-pep517 -e ".[test]"
 # --no-build-isolation makes the native extension (vskip_kernels._C) build against
 # the torch already installed; with build isolation torch is not importable here,
 # no extension is built, and the library runs on its PyTorch fallbacks.

@@ -14,7 +14,8 @@ import vskip_kernels as vk
 from vskip_kernels.reference import token_kind
 
 from . import baselines, cases
-from .common import allowed_entries, attention_flops, check, fill_speedups, find, free_memory, measure, time_fn
+from .common import (allowed_entries, attention_flops, check, fill_speedups, find, free_memory, measure, run_shapes,
+                     time_fn)
 
 POLICIES = ("dense", "vskip", "frozen")
 OURS_TRITON, OURS_TORCH = "ours-triton", "ours-torch"
@@ -152,13 +153,8 @@ def shape_checks(shape_cases: list[dict]) -> list[dict]:
 
 def run(args, device, dtype):
     shapes = cases.SMOKE_ATTENTION_SHAPES if args.smoke else cases.ATTENTION_SHAPES
-    if args.shapes:
-        shapes = [s for s in shapes if s.name in args.shapes]
-    all_cases, checks = [], []
-    for shape in shapes:
-        sc = run_shape(shape, args, device, dtype)
-        all_cases.extend(sc)
-        checks.extend(shape_checks(sc))
+    described, all_cases, checks = run_shapes(shapes, args, device, dtype, run_shape,
+                                              lambda _, sc: shape_checks(sc))
     notes = [
         "schedule planned once outside the timed region (reused by every layer of a forward); plan_ms is its own cost",
         "sdpa/eager for vskip and frozen get an explicit [B,1,Nq,Nk] bool mask built outside timing",
@@ -166,4 +162,4 @@ def run(args, device, dtype):
         "speedup_vs[X] = X's median time / this backend's median time, same run",
         "tflops counts only allowed (query, key) entries: 4 * D * entries * Hq; tflops_dense_equiv uses causal entries",
     ]
-    return [s.describe() for s in shapes], all_cases, checks, notes
+    return described, all_cases, checks, notes

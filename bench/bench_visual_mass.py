@@ -17,7 +17,7 @@ import vskip_kernels as vk
 
 from . import baselines, cases
 from .bench_attention import OURS_TORCH, OURS_TRITON, triton_usable
-from .common import check, fill_speedups, find, measure
+from .common import check, fill_speedups, find, measure, run_shapes
 
 
 def _eager_mass(q, k, v, mask, vis_idx, with_output: bool):
@@ -113,16 +113,10 @@ def shape_checks(shape, shape_cases) -> list[dict]:
 
 def run(args, device, dtype):
     shapes = cases.SMOKE_MASS_SHAPES if args.smoke else cases.MASS_SHAPES
-    if args.shapes:
-        shapes = [s for s in shapes if s.name in args.shapes]
-    all_cases, checks = [], []
-    for shape in shapes:
-        sc = run_shape(shape, args, device, dtype)
-        all_cases.extend(sc)
-        checks.extend(shape_checks(shape, sc))
+    described, all_cases, checks = run_shapes(shapes, args, device, dtype, run_shape, shape_checks)
     notes = [
         "policy dense (FlashVLM measures the unmodified model); heads as LLaVA-1.5-7B (32 q / 32 kv, d128)",
         "eager baselines build [B,1,Nq,Nk] masks outside timing and materialize fp32 softmax probabilities",
         "speedup_vs compares entries of the same case (task) only",
     ]
-    return [s.describe() for s in shapes], all_cases, checks, notes
+    return described, all_cases, checks, notes

@@ -314,3 +314,17 @@ def _json_default(o):
 def check(name: str, value: float | None, target: str, passed: bool | None, **detail) -> dict:
     """A target check computed from measured values; passed None when a needed number is missing."""
     return {"name": name, "value": value, "target": target, "passed": passed, **detail}
+
+
+def run_shapes(shapes: list, args, device: torch.device, dtype: torch.dtype, run_shape, shape_checks):
+    """(shape descriptions, cases, checks) of a suite: ``run_shape`` on each of
+    ``shapes`` (only those named by ``args.shapes`` when given), ``shape_checks``
+    on each shape's cases."""
+    if args.shapes:
+        shapes = [s for s in shapes if s.name in args.shapes]
+    all_cases, checks = [], []
+    for shape in shapes:
+        sc = run_shape(shape, args, device, dtype)
+        all_cases.extend(sc)
+        checks.extend(shape_checks(shape, sc))
+    return [s.describe() for s in shapes], all_cases, checks

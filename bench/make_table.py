@@ -274,6 +274,17 @@ def make_plots(docs: list[dict], plots_dir: str) -> list[str]:
         plt.close(fig)
         written.append(path)
 
+    def plot_times(series, xlabel, title, legend_size, name):
+        """One line per backend of (length, median ms) points, log-log."""
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for b, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b)
+        log_axes(ax)
+        ax.set(xlabel=xlabel, ylabel="ms (median)", title=title)
+        ax.legend(fontsize=legend_size)
+        save(fig, name)
+
     for d in latest(docs):
         gpu = d["env"]["gpu"]
         if d["suite"] == "attention":
@@ -285,30 +296,16 @@ def make_plots(docs: list[dict], plots_dir: str) -> list[str]:
                         continue
                     for r in c["results"]:
                         series.setdefault(r["backend"], []).append((seq[c["shape"]], r["ms_median"]))
-                if not series:
-                    continue
-                fig, ax = plt.subplots(figsize=(6, 4))
-                for b, pts in sorted(series.items()):
-                    pts.sort()
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b)
-                log_axes(ax)
-                ax.set(xlabel="sequence length", ylabel="ms (median)", title=f"{policy} attention — {gpu}")
-                ax.legend(fontsize=7)
-                save(fig, f"attention-{policy}-{_slug(gpu)}.png")
+                if series:
+                    plot_times(series, "sequence length", f"{policy} attention — {gpu}", 7,
+                               f"attention-{policy}-{_slug(gpu)}.png")
         elif d["suite"] == "decode":
             series = {}
             for c in d["cases"]:
                 for r in c["results"]:
                     series.setdefault(f"{r['backend']} ({c['heads']})", []).append((c["cache_len"], r["ms_median"]))
             if series:
-                fig, ax = plt.subplots(figsize=(6, 4))
-                for b, pts in sorted(series.items()):
-                    pts.sort()
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b)
-                log_axes(ax)
-                ax.set(xlabel="cache length", ylabel="ms (median)", title=f"decode attention — {gpu}")
-                ax.legend(fontsize=6)
-                save(fig, f"decode-{_slug(gpu)}.png")
+                plot_times(series, "cache length", f"decode attention — {gpu}", 6, f"decode-{_slug(gpu)}.png")
         elif d["suite"] == "model":
             fig, ax = plt.subplots(figsize=(6, 4))
             plotted = False

@@ -40,6 +40,13 @@ def _setup(shape, nq=None):
     return q, k, v, is_visual
 
 
+def _decode_setup(n):
+    """One new query against a cache of ``n`` positions, heads as in bench_decode."""
+    shape = cases.AttnShape(f"decode-n{n}", "decode", *((28, 4, 128) if CUDA else (4, 2, 16)),
+                            cases.one_image(n - cases.SYS - cases.PROMPT))
+    return _setup(shape, nq=1)
+
+
 @pytest.mark.parametrize("policy", ["dense", "vskip", "frozen"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
 def test_ours_attention(benchmark, shape, policy):
@@ -73,17 +80,13 @@ def test_ours_visual_mass(benchmark, last_only):
 
 @pytest.mark.parametrize("n", DECODE_LENS)
 def test_ours_decode(benchmark, n):
-    shape = cases.AttnShape(f"decode-n{n}", "decode", *((28, 4, 128) if CUDA else (4, 2, 16)),
-                            cases.one_image(n - cases.SYS - cases.PROMPT))
-    q, k, v, is_visual = _setup(shape, nq=1)
+    q, k, v, is_visual = _decode_setup(n)
     benchmark.group = f"decode n={n}"
     benchmark(_sync(lambda: vk.modality_attention(q, k, v, is_visual, policy="dense", backend=OURS)))
 
 
 @pytest.mark.parametrize("n", DECODE_LENS)
 def test_sdpa_decode(benchmark, n):
-    shape = cases.AttnShape(f"decode-n{n}", "decode", *((28, 4, 128) if CUDA else (4, 2, 16)),
-                            cases.one_image(n - cases.SYS - cases.PROMPT))
-    q, k, v, _ = _setup(shape, nq=1)
+    q, k, v, _ = _decode_setup(n)
     benchmark.group = f"decode n={n}"
     benchmark(_sync(baselines.sdpa(q, k, v)))

@@ -13,7 +13,7 @@ from vskip_kernels.schedule import POLICY_CODES, plan_schedule
 
 needs_native = pytest.mark.skipif(
     not _native.available(),
-    reason="vskip_kernels._C is not built (pip install --no-build-isolation -e .) or VSKIP_DISABLE_NATIVE=1",
+    reason="vskip_kernels._C is not built (pip install --no-build-isolation --use-pep517 -e .) or VSKIP_DISABLE_NATIVE=1",
 )
 
 FIELDS = ("full_cnt", "full_idx", "part_cnt", "part_idx")
@@ -271,3 +271,22 @@ def test_fallback_without_native_warns_once():
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("OK")
+
+
+def test_extension_is_built_from_a_source_checkout():
+    """The README's install command builds vskip_kernels._C; a silent fallback would leave
+    every native test above skipped (this caught pip's legacy `setup.py develop` path,
+    which builds in an isolated environment without torch)."""
+    import shutil
+    from pathlib import Path
+
+    import vskip_kernels
+
+    source_tree = (Path(vskip_kernels.__file__).resolve().parents[1] / "csrc").is_dir()
+    opted_out = os.environ.get("VSKIP_BUILD_NATIVE") == "0" or os.environ.get("VSKIP_DISABLE_NATIVE") == "1"
+    if not source_tree or opted_out or shutil.which("c++") is None:
+        pytest.skip("not a source checkout with a C++ compiler, or the native build was opted out")
+    assert _native.available(), (
+        "vskip_kernels._C was not built: install with "
+        "`pip install --no-build-isolation --use-pep517 -e .` after installing torch"
+    )

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from _shared import assert_matches_reference, assert_rule, make_qkv
 from vskip_kernels import modality_attention, visual_attention_mass
 from vskip_kernels.reference import allowed_mask, attention_ref, visual_mass_ref
 
@@ -47,42 +48,15 @@ LAYOUTS = ("prefix_image_suffix", "interleaved", "image_first", "all_visual", "t
            "chunked", "decode")
 
 
-def max_err(a, b):
-    """Max abs difference over entries finite in b; the non-finite pattern must agree exactly."""
-    a, b = a.float(), b.float()
-    assert torch.equal(torch.isfinite(a), torch.isfinite(b))
-    assert torch.equal(a[~torch.isfinite(b)], b[~torch.isfinite(b)])
-    fin = torch.isfinite(b)
-    return (a[fin] - b[fin]).abs().max().item() if fin.any() else 0.0
-
-
-def assert_tolerance(got, ref32, ref_lp, atol):
-    """The tolerance rule: error vs fp32 within twice the low-precision reference's own error."""
-    err, err_lp = max_err(got, ref32), max_err(ref_lp, ref32)
-    assert err <= 2 * err_lp + atol, f"error {err:.3g} vs low-precision reference error {err_lp:.3g}"
-
-
-def make_qkv(b, hq, hkv, nq, nk, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, nq, d, generator=g).to(dtype)
-    k = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
-    return q, k, v
-
-
 def check_against_reference(q, k, v, vis, mask, policy, visual_self):
     kw = dict(policy=policy, attention_mask=mask, visual_self=visual_self)
     out, mass, lse = modality_attention(q, k, v, vis, return_visual_mass=True, return_lse=True, backend="torch",
                                         **kw)
-    r32 = attention_ref(q, k, v, vis, upcast=True, **kw)
-    rlp = attention_ref(q, k, v, vis, upcast=False, **kw)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert mass.dtype == lse.dtype == torch.float32 and mass.shape == lse.shape == q.shape[:3]
     assert not out.isnan().any() and not mass.isnan().any() and not lse.isnan().any()
-    out_atol = 1e-6 if q.dtype == torch.float32 else 1e-5
-    assert_tolerance(out, r32[0], rlp[0], out_atol)
-    assert_tolerance(mass, r32[1], rlp[1], 1e-5)
-    assert_tolerance(lse, r32[2], rlp[2], 1e-5)
+    assert_matches_reference((out, mass, lse), q, k, v, vis, mask, policy, visual_self,
+                             out_atol=1e-6 if q.dtype == torch.float32 else 1e-5)
     # rows with no allowed key: exact zeros and -inf, never NaN
     empty = ~allowed_mask(vis, mask, q.shape[2], policy, visual_self).any(-1)[:, None].expand(mass.shape)
     assert (out[empty] == 0).all() and (mass[empty] == 0).all() and (lse[empty] == float("-inf")).all()
@@ -145,7 +119,7 @@ def test_visual_mass(policy, dtype, visual_self):
     ref_lp = attention_ref(q, k, k, vis, upcast=False, **kw)[1]
     assert got.dtype == torch.float32 and got.shape == (2, 4, 50)
     assert ((got >= 0) & (got <= 1)).all()
-    assert_tolerance(got, ref, ref_lp, 1e-5)
+    assert_rule("visual_mass", got, ref, ref_lp)
     # selected queries, unsorted, repeated and negative: the same values as the full computation
     pos = [-1, 3, 0, 3, 17]
     sel = visual_attention_mass(q, k, vis, backend="torch", query_positions=pos, **kw)

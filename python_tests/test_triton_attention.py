@@ -11,62 +11,35 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _shared import assert_matches_reference, assert_rule, build_layout, make_qkv
 from vskip_kernels import modality_attention, plan_schedule
 from vskip_kernels.ops import triton_attention as ta
 from vskip_kernels.reference import allowed_mask, attention_ref, live_tile_pairs
 
 DTYPES = (torch.float16, torch.bfloat16)
-# Tiny absolute slack on top of 2x the low-precision reference's error (the common tolerance rule).
-ATOL = 1e-5
 
-
-def _spans(n, spans):
-    vis = torch.zeros(n, dtype=torch.bool)
-    for a, b in spans:
-        vis[a:b] = True
-    return vis
+# name -> (Nk, visual ranges per sequence, left padding per sequence | None, nq)
+_LAYOUTS = {
+    "prefix_img_suffix": (96, [[(16, 72)]], None, 96),
+    "two_images": (112, [[(8, 40), (52, 90)]], None, 112),
+    "image_first": (80, [[(0, 48)]], None, 80),
+    "all_visual": (64, [[(0, 64)]], None, 64),
+    "text_only": (72, [[]], None, 72),
+    "left_pad": (96, [[(30, 70)], [(6, 38), (50, 81)]], (20, 0), 96),
+    # Nq < Nk: the last 40 of 128 positions, straddling an image's end
+    "chunked": (128, [[(20, 100)], [(0, 30), (95, 110)]], (0, 9), 40),
+}
 
 
 def make_layout(name):
     """(is_visual [B, Nk], attention_mask [B, Nk] | None, nq)."""
-    if name == "prefix_img_suffix":
-        return _spans(96, [(16, 72)])[None], None, 96
-    if name == "two_images":
-        return _spans(112, [(8, 40), (52, 90)])[None], None, 112
-    if name == "image_first":
-        return _spans(80, [(0, 48)])[None], None, 80
-    if name == "all_visual":
-        return torch.ones(1, 64, dtype=torch.bool), None, 64
-    if name == "text_only":
-        return torch.zeros(1, 72, dtype=torch.bool), None, 72
-    if name == "left_pad":
-        vis = torch.stack([_spans(96, [(30, 70)]), _spans(96, [(6, 38), (50, 81)])])
-        am = torch.ones(2, 96, dtype=torch.int64)
-        am[0, :20] = 0
-        return vis, am, 96
-    if name == "chunked":  # Nq < Nk: the last 40 of 128 positions, straddling an image's end
-        vis = torch.stack([_spans(128, [(20, 100)]), _spans(128, [(0, 30), (95, 110)])])
-        am = torch.ones(2, 128, dtype=torch.int64)
-        am[1, :9] = 0
-        return vis, am, 40
-    raise KeyError(name)
+    n, seqs, pad, nq = _LAYOUTS[name]
+    return (*build_layout(n, *seqs, pad=pad), nq)
 
 
-LAYOUTS = ("prefix_img_suffix", "two_images", "image_first", "all_visual", "text_only", "left_pad", "chunked")
+LAYOUTS = tuple(_LAYOUTS)
 GROUPS = {1: (2, 2), 2: (2, 1), 4: (4, 1)}  # group -> (Hq, Hkv)
 BLOCKS = ((16, 32), (32, 16), (32, 32))
-
-
-def make_qkv(b, hq, hkv, nq, nk, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, nq, d, generator=g).to(dtype)
-    k = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
-    return q, k, v
-
-
-def _err(a, b):
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
 
 def check_against_ref(q, k, v, vis, am, policy, visual_self, block=None, want_mass=True, want_lse=True):
@@ -80,27 +53,18 @@ def check_against_ref(q, k, v, vis, am, policy, visual_self, block=None, want_ma
     out, rest = res[0], list(res[1:])
     mass = rest.pop(0) if want_mass else None
     lse = rest.pop(0) if want_lse else None
-    kw = dict(policy=policy, attention_mask=am, visual_self=visual_self)
-    o32, m32, l32 = attention_ref(q, k, v, vis, **kw)
-    olp, mlp, llp = attention_ref(q, k, v, vis, upcast=False, **kw)
 
     assert out.dtype == q.dtype and out.shape == q.shape
-    assert not torch.isnan(out).any()
-    assert _err(out, o32) <= 2 * _err(olp, o32) + ATOL, (_err(out, o32), _err(olp, o32))
+    assert_matches_reference((out, mass, lse), q, k, v, vis, am, policy, visual_self)
     empty = ~allowed_mask(vis, am, nq, policy, visual_self).any(-1)  # [B, Nq]
     empty = empty[:, None, :].expand(-1, q.shape[1], -1)
     assert (out[empty] == 0).all()
     if want_mass:
         assert mass.dtype == torch.float32 and mass.shape == q.shape[:3]
-        assert not torch.isnan(mass).any() and (mass[empty] == 0).all()
-        assert _err(mass, m32) <= 2 * _err(mlp, m32) + ATOL, (_err(mass, m32), _err(mlp, m32))
+        assert (mass[empty] == 0).all()
     if want_lse:
         assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
-        assert not torch.isnan(lse).any()
         assert torch.equal(torch.isinf(lse), empty) and (lse[empty] < 0).all()
-        fin = ~empty
-        assert _err(lse[fin], l32[fin]) <= 2 * _err(llp[fin], l32[fin]) + ATOL, (
-            _err(lse[fin], l32[fin]), _err(llp[fin], l32[fin]))
     return out
 
 
@@ -188,7 +152,7 @@ def test_no_statistics_direct():
     assert mass is None and lse is None
     ref, _, _ = attention_ref(q, k, v, vis, policy="frozen", softmax_scale=0.125)
     ref_lp, _, _ = attention_ref(q, k, v, vis, policy="frozen", softmax_scale=0.125, upcast=False)
-    assert _err(out, ref) <= 2 * _err(ref_lp, ref) + ATOL
+    assert_rule("out", out, ref, ref_lp)
 
 
 # --------------------------------------------------------------------------- block sparsity
@@ -220,9 +184,7 @@ def test_tile_count_matches_live_pairs(policy, visual_self, layout, block):
 def test_empty_rows_exact_zero():
     # vskip without visual_self: the image at position 0 has no earlier text key; plus
     # padded queries and frozen visual rows in the second sequence.
-    vis = torch.stack([_spans(64, [(0, 40)]), _spans(64, [(10, 50)])])
-    am = torch.ones(2, 64, dtype=torch.int64)
-    am[1, :10] = 0
+    vis, am = build_layout(64, [(0, 40)], [(10, 50)], pad=(0, 10))
     q, k, v = make_qkv(2, 2, 2, 64, 64, 64, torch.bfloat16, seed=11)
     for policy, visual_self in (("vskip", False), ("frozen", True)):
         sched = plan_schedule(vis, am, policy=policy, visual_self=visual_self, block_m=16, block_n=16)
@@ -276,12 +238,7 @@ class TestCuda:
     def test_against_reference(self, policy, dtype, d):
         torch.manual_seed(0)
         b, hq, hkv, n = 2, 8, 2, 1000
-        vis = torch.zeros(b, n, dtype=torch.bool)
-        vis[0, 40:620] = True
-        vis[1, 100:400] = True
-        vis[1, 500:900] = True
-        am = torch.ones(b, n, dtype=torch.int64)
-        am[1, :37] = 0
+        vis, am = build_layout(n, [(40, 620)], [(100, 400), (500, 900)], pad=(0, 37))
         q, k, v = (t.cuda() for t in make_qkv(b, hq, hkv, n, n, d, dtype))
         check_against_ref(q, k, v, vis.cuda(), am.cuda(), policy, True)
 

@@ -13,76 +13,35 @@ import itertools
 import pytest
 import torch
 
+from _shared import assert_matches_reference, assert_rule, build_layout, make_qkv, spans
 from vskip_kernels import modality_attention, plan_schedule
 from vskip_kernels.ops import triton_attention as ta
 from vskip_kernels.ops import triton_decode as td
 from vskip_kernels.reference import allowed_mask, attention_ref, live_tile_pairs
 
-ATOL = 1e-5  # tiny slack on top of 2x the low-precision reference's error
 POLICIES = ("dense", "vskip", "frozen")
 DTYPES = (torch.float16, torch.bfloat16)
 GROUPS = ((2, 2), (4, 1), (7, 1))  # (Hq, Hkv): GQA ratios 1, 4, 7
 
-
-def _spans(n, spans):
-    vis = torch.zeros(n, dtype=torch.bool)
-    for a, b in spans:
-        vis[a:b] = True
-    return vis
+# name -> (Nk, visual ranges per sequence, left padding per sequence | None)
+_LAYOUTS = {
+    "image_then_text": (320, [[(10, 250)]], None),
+    "interleaved": (400, [[(20, 120), (150, 260), (300, 380)]], None),
+    "left_pad": (300, [[(100, 200)], [(5, 150), (220, 260)]], (90, 0)),
+    # the image runs to the end: every decode query is visual
+    "newest_visual": (350, [[(12, 350)]], None),
+    # no text at all: vskip without self and frozen leave rows empty
+    "visual_only": (300, [[(0, 300)]], None),
+}
 
 
 def make_layout(name):
     """(is_visual [B, Nk], attention_mask [B, Nk] | None)."""
-    if name == "image_then_text":
-        return _spans(320, [(10, 250)])[None], None
-    if name == "interleaved":
-        return _spans(400, [(20, 120), (150, 260), (300, 380)])[None], None
-    if name == "left_pad":
-        vis = torch.stack([_spans(300, [(100, 200)]), _spans(300, [(5, 150), (220, 260)])])
-        am = torch.ones(2, 300, dtype=torch.int64)
-        am[0, :90] = 0
-        return vis, am
-    if name == "newest_visual":  # the image runs to the end: every decode query is visual
-        return _spans(350, [(12, 350)])[None], None
-    if name == "visual_only":  # no text at all: vskip without self and frozen leave rows empty
-        return torch.ones(1, 300, dtype=torch.bool), None
-    raise KeyError(name)
+    n, seqs, pad = _LAYOUTS[name]
+    return build_layout(n, *seqs, pad=pad)
 
 
 LAYOUTS = ("image_then_text", "interleaved", "left_pad", "newest_visual")
-
-
-def make_qkv(b, hq, hkv, nq, nk, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, nq, d, generator=g).to(dtype)
-    k = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
-    return q, k, v
-
-
-def assert_rule(name, got, ref32, reflp):
-    """Error vs the fp32 reference within 2x the low-precision reference's, plus ATOL;
-    non-finite entries (lse of empty rows) must match exactly."""
-    got, ref32, reflp = got.float(), ref32.float(), reflp.float()
-    assert not torch.isnan(got).any(), f"{name} has NaN"
-    fin = torch.isfinite(ref32)
-    assert torch.equal(torch.isfinite(got), fin), f"{name}: finite entries differ from the reference"
-    assert torch.equal(got[~fin], ref32[~fin]), f"{name}: non-finite entries differ from the reference"
-    if not fin.any():
-        return
-    err = (got - ref32)[fin].abs().max().item()
-    lim = 2 * (reflp - ref32)[fin].abs().max().item() + ATOL
-    assert err <= lim, f"{name}: max error {err:.3g} > {lim:.3g} (2x low-precision reference + {ATOL})"
-
-
-def check(res, q, k, v, vis, am, policy, visual_self):
-    ref32 = attention_ref(q, k, v, vis, policy=policy, attention_mask=am, visual_self=visual_self)
-    reflp = attention_ref(q, k, v, vis, policy=policy, attention_mask=am, visual_self=visual_self, upcast=False)
-    for name, got, r32, rlp in zip(("out", "visual_mass", "lse"), res, ref32, reflp):
-        assert got.shape == r32.shape, (name, got.shape, r32.shape)
-        assert got.dtype == r32.dtype, (name, got.dtype, r32.dtype)
-        assert_rule(name, got, r32, rlp)
-    return ref32
 
 
 def _grid():
@@ -101,7 +60,7 @@ def test_public_decode_matches_reference(layout, policy, nq, dtype, d, heads):
     assert td.use_decode_path(q, k)
     res = modality_attention(q, k, v, vis, policy=policy, attention_mask=am, return_visual_mass=True,
                              return_lse=True, backend="triton")
-    check(res, q, k, v, vis, am, policy, True)
+    assert_matches_reference(res, q, k, v, vis, am, policy, True)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -110,7 +69,7 @@ def test_vskip_without_self(layout):
     q, k, v = make_qkv(vis.shape[0], 4, 1, 2, vis.shape[1], 64, torch.float16, seed=1)
     res = modality_attention(q, k, v, vis, policy="vskip", visual_self=False, attention_mask=am,
                              return_visual_mass=True, return_lse=True, backend="triton")
-    check(res, q, k, v, vis, am, "vskip", False)
+    assert_matches_reference(res, q, k, v, vis, am, "vskip", False)
 
 
 @pytest.mark.parametrize("policy,visual_self", [("vskip", False), ("frozen", True), ("dense", True)])
@@ -119,7 +78,7 @@ def test_rows_without_keys_are_exact_zero(policy, visual_self):
     q, k, v = make_qkv(1, 4, 2, 3, vis.shape[1], 64, torch.bfloat16, seed=2)
     out, mass, lse = modality_attention(q, k, v, vis, policy=policy, visual_self=visual_self,
                                         return_visual_mass=True, return_lse=True, backend="triton")
-    ref = check((out, mass, lse), q, k, v, vis, am, policy, visual_self)
+    ref = assert_matches_reference((out, mass, lse), q, k, v, vis, am, policy, visual_self)
     if policy == "dense":
         assert torch.isfinite(lse).all() and torch.equal(mass, torch.ones_like(mass))
     else:
@@ -163,7 +122,7 @@ def test_decode_forward_many_splits_and_tile_count(seven_splits, policy, visual_
     sched = plan_schedule(vis, am, nq=nq, policy=policy, visual_self=visual_self, block_m=16, block_n=16)
     with ta.count_tiles() as counter:
         res = td.decode_forward(q, k, v, sched, d ** -0.5, True, True)
-    check(res, q, k, v, vis, am, policy, visual_self)
+    assert_matches_reference(res, q, k, v, vis, am, policy, visual_self)
     allowed = allowed_mask(vis, am, nq, policy, visual_self)
     live = live_tile_pairs(allowed, 16, 16)
     assert counter.value == int(live.sum()) * heads[0]
@@ -179,7 +138,7 @@ def test_decode_forward_spans_several_query_tiles(seven_splits):
     assert sched.num_m_tiles == 2
     with ta.count_tiles() as counter:
         res = td.decode_forward(q, k, v, sched, 0.125, True, True)
-    check(res, q, k, v, vis, am, "vskip", True)
+    assert_matches_reference(res, q, k, v, vis, am, "vskip", True)
     union = live_tile_pairs(allowed_mask(vis, am, nq, "vskip", True), 16, 16).any(1)
     assert counter.value == int(union.sum()) * 2
 
@@ -192,7 +151,7 @@ def test_empty_splits_of_a_mostly_padded_sequence(seven_splits):
     q, k, v = make_qkv(2, 4, 1, 2, vis.shape[1], 64, torch.float16, seed=6)
     sched = plan_schedule(vis, am, nq=2, policy="dense", block_m=16, block_n=16)
     assert int(sched.part_cnt[0].sum() + sched.full_cnt[0].sum()) < td.CPU_SPLITS
-    check(td.decode_forward(q, k, v, sched, 0.125, True, True), q, k, v, vis, am, "dense", True)
+    assert_matches_reference(td.decode_forward(q, k, v, sched, 0.125, True, True), q, k, v, vis, am, "dense", True)
 
 
 def test_extras_not_requested_are_none():
@@ -238,22 +197,21 @@ class TestCuda:
     @pytest.mark.parametrize("policy", POLICIES)
     def test_long_cache(self, dtype, d, policy):
         nk = 4096
-        vis = _spans(nk, [(30, 2500), (3000, 3600)])[None].repeat(2, 1).cuda()
-        am = torch.ones(2, nk, dtype=torch.int64, device="cuda")
-        am[1, :700] = 0
+        image = [(30, 2500), (3000, 3600)]
+        vis, am = (t.cuda() for t in build_layout(nk, image, image, pad=(0, 700)))
         for nq, heads in ((1, (28, 4)), (4, (8, 8)), (16, (32, 8))):
             q, k, v = (t.cuda() for t in make_qkv(2, heads[0], heads[1], nq, nk, d, dtype, seed=nq))
             res = modality_attention(q, k, v, vis, policy=policy, attention_mask=am, return_visual_mass=True,
                                      return_lse=True, backend="triton")
-            check(res, q, k, v, vis, am, policy, True)
+            assert_matches_reference(res, q, k, v, vis, am, policy, True)
 
     def test_newest_token_of_32k_cache_counts_tiles(self):
         nk = 32768
-        vis = _spans(nk, [(100, 30000)])[None].cuda()
+        vis = spans(nk, [(100, 30000)])[None].cuda()
         q, k, v = (t.cuda() for t in make_qkv(1, 28, 4, 1, nk, 128, torch.bfloat16))
         sched = plan_schedule(vis, nq=1, policy="vskip", block_m=64, block_n=64)
         assert td.num_splits(4, sched.num_n_tiles, q.device) > 1
         with ta.count_tiles() as counter:
             res = td.decode_forward(q, k, v, sched, 128 ** -0.5, True, True)
-        check(res, q, k, v, vis, None, "vskip", True)
+        assert_matches_reference(res, q, k, v, vis, None, "vskip", True)
         assert counter.value == int(sched.live_pairs()) * 28

@@ -13,49 +13,39 @@ import math
 import pytest
 import torch
 
+from _shared import ATOL, assert_rule, build_layout, make_qkv
 from vskip_kernels import modality_attention, visual_attention_mass
 from vskip_kernels.ops import triton_attention as ta
 from vskip_kernels.ops import triton_visual_mass as tvm
 from vskip_kernels.reference import allowed_mask, live_tile_pairs, token_kind, visual_mass_ref
 
-ATOL = 1e-5  # tiny slack on top of 2x the low-precision reference's error
 POLICIES = ("dense", "vskip", "frozen")
 BACKENDS = ("triton", "torch")
 DTYPES = (torch.float16, torch.bfloat16)
 GROUPS = ((2, 2), (4, 1), (7, 1))  # (Hq, Hkv): GQA ratios 1, 4, 7
 
-
-def _spans(n, spans):
-    vis = torch.zeros(n, dtype=torch.bool)
-    for a, b in spans:
-        vis[a:b] = True
-    return vis
+# name -> (Nk, visual ranges per sequence, left padding per sequence | None)
+_LAYOUTS = {
+    "image_then_text": (96, [[(8, 60)]], None),
+    "interleaved": (112, [[(4, 30), (41, 70), (80, 100)]], None),
+    "left_pad": (96, [[(30, 70)], [(0, 40), (60, 90)]], (21, 0)),
+    "all_visual": (64, [[(0, 64)]], None),
+    # the newest (visual) token against a cache of many key blocks
+    "long_cache": (420, [[(10, 300), (330, 420)]], None),
+}
 
 
 def make_layout(name):
     """(is_visual [B, Nk], attention_mask [B, Nk] | None)."""
-    if name == "image_then_text":
-        return _spans(96, [(8, 60)])[None], None
-    if name == "interleaved":
-        return _spans(112, [(4, 30), (41, 70), (80, 100)])[None], None
-    if name == "left_pad":
-        vis = torch.stack([_spans(96, [(30, 70)]), _spans(96, [(0, 40), (60, 90)])])
-        am = torch.ones(2, 96, dtype=torch.int64)
-        am[0, :21] = 0
-        return vis, am
-    if name == "all_visual":
-        return torch.ones(1, 64, dtype=torch.bool), None
-    if name == "long_cache":  # the newest (visual) token against a cache of many key blocks
-        return _spans(420, [(10, 300), (330, 420)])[None], None
-    raise KeyError(name)
+    n, seqs, pad = _LAYOUTS[name]
+    return build_layout(n, *seqs, pad=pad)
 
 
 LAYOUTS = ("image_then_text", "interleaved", "left_pad", "all_visual")
 
 
 def make_qk(b, hq, hkv, nq, nk, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, hq, nq, d, generator=g).to(dtype), torch.randn(b, hkv, nk, d, generator=g).to(dtype)
+    return make_qkv(b, hq, hkv, nq, nk, d, dtype, seed)[:2]
 
 
 def eager_mass(q, k, vis, am, policy, visual_self, scale, dtype):
@@ -66,13 +56,6 @@ def eager_mass(q, k, vis, am, policy, visual_self, scale, dtype):
     scores = (qd @ kd.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
     probs = torch.where(allowed, torch.softmax(scores, dim=-1), torch.zeros((), dtype=dtype))
     return (probs * vis[:, None, None, :].to(dtype)).sum(-1).float()
-
-
-def assert_rule(name, got, ref32, reflp):
-    assert not torch.isnan(got).any(), f"{name} has NaN"
-    err = (got - ref32).abs().max().item()
-    lim = 2 * (reflp - ref32).abs().max().item() + ATOL
-    assert err <= lim, f"{name}: max error {err:.3g} > {lim:.3g} (2x low-precision reference + {ATOL})"
 
 
 def _grid():
@@ -211,9 +194,8 @@ class TestCuda:
     @pytest.mark.parametrize("policy", POLICIES)
     def test_newest_token_long_cache(self, dtype, d, policy):
         nk = 8192
-        vis = _spans(nk, [(30, 6000), (6500, 7000)])[None].repeat(2, 1).cuda()
-        am = torch.ones(2, nk, dtype=torch.int64, device="cuda")
-        am[1, :900] = 0
+        image = [(30, 6000), (6500, 7000)]
+        vis, am = (t.cuda() for t in build_layout(nk, image, image, pad=(0, 900)))
         q, k = (t.cuda() for t in make_qk(2, 28, 4, 4, nk, d, dtype))
         with ta.count_tiles() as counter:
             got = visual_attention_mass(q, k, vis, policy=policy, attention_mask=am, query_positions=[-1],

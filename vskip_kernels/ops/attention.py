@@ -144,6 +144,8 @@ def modality_attention(
 
 
 def _check_cu_seqlens(name, cu, total, batch=None):
+    if isinstance(cu, torch.Tensor) and cu.dim() == 1 and cu.numel() == 1:
+        raise ValueError(f"empty batch: {name} = {cu.tolist()} describes no sequence; it must be [B + 1] with B >= 1")
     if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(f"{name} must be a 1-D int32 tensor [B + 1], got {getattr(cu, 'dtype', type(cu))} "
                          f"{tuple(getattr(cu, 'shape', ()))}")

@@ -1,93 +1,31 @@
 """Launcher of the block-sparse prefill attention kernel (``triton_attention_kernel``).
 
-Also home of the debug tile counter (``count_tiles``) every Triton kernel of the
-library reports to, and of the AOT specs the compile gate checks.
+Also the public home of the debug tile counter (``count_tiles``, kept in
+``triton_common`` with the other pieces the Triton launchers share) every Triton
+kernel of the library reports to, and of the AOT specs the compile gate checks.
 
 fp32 inputs are supported: scores and the PV product then use exact fp32 dots
 (``input_precision="ieee"``, no TF32), so they match the fp32 reference.
 """
 from __future__ import annotations
 
-import contextlib
-import types
-from dataclasses import dataclass, field
-
 import torch
 import triton
 
 from ..schedule import POLICY_CODES, Schedule
+from . import triton_decode
 from .aot import SMEM_LIMITS, TARGETS, AotSpec
 from .dispatch import interpreter_on
 from .triton_attention_kernel import attn_fwd_kernel
+from .triton_common import (DTYPES, ELEM, LOG2E, TileCount, active_counter, aot_spec, block_d_for,  # noqa: F401
+                            check_supported, checked_counter, compilable, count_tiles)
 
-LOG2E = 1.4426950408889634
-_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 # Autotune varies only these; tile sizes come from the schedule.
 TUNE_CONFIGS = ((4, 2), (4, 3), (8, 3), (8, 4))
 HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
-# ----------------------------------------------------------------------------- tile counter
-
-
-class TileCount:
-    """Device-side int32 count of processed (query tile, key tile) pairs."""
-
-    def __init__(self, device):
-        self.tensor = torch.zeros(1, dtype=torch.int32, device=device)
-
-    @property
-    def value(self) -> int:
-        return int(self.tensor.item())
-
-
-_ACTIVE: list[TileCount] = []
-
-
-@contextlib.contextmanager
-def count_tiles(device=None):
-    """Count tile pairs processed by Triton kernels launched inside the block.
-
-    The counter lives on ``device`` (default: CUDA when kernels run on the GPU, CPU
-    under the interpreter). Kernels launched while it is active are compiled with
-    COUNT_TILES=True and add 1 per tile pair; read ``.value`` afterwards.
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() and not interpreter_on() else "cpu"
-    counter = TileCount(device)
-    _ACTIVE.append(counter)
-    try:
-        yield counter
-    finally:
-        _ACTIVE.remove(counter)
-
-
-def active_counter() -> torch.Tensor | None:
-    """The int32 [1] tensor kernels should atomically add to, or None when not counting."""
-    return _ACTIVE[-1].tensor if _ACTIVE else None
-
-
-def _counter_arg(device: torch.device) -> tuple[torch.Tensor, bool]:
-    counter = active_counter()
-    if counter is None:
-        return torch.empty(1, dtype=torch.int32, device=device), False
-    if counter.device.type != device.type:
-        raise ValueError(f"count_tiles() counter is on {counter.device} but the kernel runs on {device}; "
-                         f"use count_tiles(device={str(device)!r})")
-    return counter, True
-
-
 # ----------------------------------------------------------------------------- tile sizes / smem
-
-
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def _check_head_dim(head_dim: int) -> None:
-    if not 16 <= head_dim <= 256:
-        raise ValueError(f"triton attention supports head dims 16..256 (64, 80, 96, 128, 256 tuned), got D={head_dim}")
 
 
 def smem_estimate(cc: int, block_m: int, block_n: int, head_dim: int, dtype: str, num_stages: int) -> int:
@@ -99,7 +37,7 @@ def smem_estimate(cc: int, block_m: int, block_n: int, head_dim: int, dtype: str
     target. 4 KiB covers reduction scratch, layout-conversion scratch and barriers
     (measured: D=256, 64x32 tiles, 3 stages allocates 4 KiB beyond its buffers).
     """
-    e, bd = _ELEM[dtype], _block_d(head_dim)
+    e, bd = ELEM[dtype], block_d_for(head_dim)
     q = block_m * bd * e if cc >= 90 or dtype == "fp32" else 0
     p = block_m * block_n * e if dtype == "fp32" else 0  # FMA dots stage both operands in smem
     return num_stages * 2 * block_n * bd * e + q + p + 4096
@@ -139,12 +77,10 @@ def _default_blocks(cc: int, dtype: str, head_dim: int) -> tuple[int, int]:
 
 def block_sizes(q: torch.Tensor) -> tuple[int, int]:
     """(block_m, block_n) to plan schedules with for inputs like ``q``."""
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"triton attention supports float16, bfloat16 and float32, got {q.dtype}")
-    _check_head_dim(q.shape[-1])
+    check_supported("triton attention", q.dtype, q.shape[-1])
     if q.device.type != "cuda" or interpreter_on():
         return 64, 64
-    return _default_blocks(_capability(q.device), _DTYPES[q.dtype], q.shape[-1])
+    return _default_blocks(_capability(q.device), DTYPES[q.dtype], q.shape[-1])
 
 
 # ----------------------------------------------------------------------------- launch
@@ -155,7 +91,7 @@ _TUNE_KEY = ["TUNE_N", "GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "POLICY", "VIS
 def _prune(configs, named_args, **kwargs):
     q = named_args["Q"]
     cc = _capability(q.device)
-    fits = set(configs_for(cc, _DTYPES[q.dtype], kwargs["HEAD_DIM"], kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+    fits = set(configs_for(cc, DTYPES[q.dtype], kwargs["HEAD_DIM"], kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
     return [c for c in configs if (c.num_warps, c.num_stages) in fits]
 
 
@@ -171,12 +107,6 @@ def _autotuned():
             prune_configs_by={"early_config_prune": _prune},
         )(attn_fwd_kernel)
     return _tuned_kernel
-
-
-def _decode_module():
-    from . import triton_decode  # lazy: it imports this module for the tile counter
-
-    return triton_decode
 
 
 def _check_schedule(q, k, schedule: Schedule) -> None:
@@ -201,18 +131,15 @@ def _check_schedule(q, k, schedule: Schedule) -> None:
 
 def attention_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_mass: bool, want_lse: bool):
     """(out [B,Hq,Nq,D] in q's dtype, mass fp32 [B,Hq,Nq] | None, lse fp32 [B,Hq,Nq] | None)."""
-    dec = _decode_module()
-    if dec is not None and dec.use_decode_path(q, k):
-        return dec.decode_forward(q, k, v, schedule, softmax_scale, want_mass, want_lse)
+    if triton_decode.use_decode_path(q, k):
+        return triton_decode.decode_forward(q, k, v, schedule, softmax_scale, want_mass, want_lse)
 
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"triton attention supports float16, bfloat16 and float32, got {q.dtype}")
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    _check_head_dim(d)
+    check_supported("triton attention", q.dtype, d)
     _check_schedule(q, k, schedule)
     bm, bn = schedule.block_m, schedule.block_n
-    dtype = _DTYPES[q.dtype]
+    dtype = DTYPES[q.dtype]
     cc = _capability(q.device)
     fitting = configs_for(cc, dtype, d, bm, bn)
     if not fitting:
@@ -224,7 +151,10 @@ def attention_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_ma
     mass = torch.empty((bsz, hq, nq), dtype=torch.float32, device=q.device) if want_mass else None
     lse = torch.empty((bsz, hq, nq), dtype=torch.float32, device=q.device) if want_lse else None
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
-    counter, counting = _counter_arg(q.device)
+    counter = checked_counter(q.device)
+    counting = counter is not None
+    if not counting:
+        counter = torch.empty(1, dtype=torch.int32, device=q.device)
     kind = schedule.kind if schedule.kind.stride(-1) == 1 else schedule.kind.contiguous()
     full_idx, part_idx = schedule.full_idx.contiguous(), schedule.part_idx.contiguous()
     full_cnt, part_cnt = schedule.full_cnt.contiguous(), schedule.part_cnt.contiguous()
@@ -237,7 +167,7 @@ def attention_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_ma
         hq, hq // hkv, nq, nk, float(softmax_scale) * LOG2E, triton.next_power_of_2(nq),
     )
     meta = dict(
-        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn,
+        HEAD_DIM=d, BLOCK_D=block_d_for(d), BLOCK_M=bm, BLOCK_N=bn,
         POLICY=POLICY_CODES[schedule.policy], VISUAL_SELF=bool(schedule.visual_self),
         WANT_MASS=bool(want_mass), WANT_LSE=bool(want_lse), COUNT_TILES=counting,
         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
@@ -259,44 +189,7 @@ def attention_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_ma
 # ----------------------------------------------------------------------------- AOT specs
 
 
-@dataclass(frozen=True)
-class TargetedAotSpec(AotSpec):
-    """An AotSpec launched only on ``targets`` (smem-pruned autotune), compiled with
-    ``attrs`` (16-byte divisibility of pointers and strides, as Triton specialises
-    them at run time: without it the loads are not vectorised, the K/V pipeline is
-    not built and the measured shared memory is far below what really runs)."""
-
-    targets: tuple = TARGETS
-    attrs: dict = field(default_factory=dict)
-
-
-_ALIGNED_INTS = tuple(f"stride_{t}{s}" for t in "qkvo" for s in "bh") + ("stride_qm", "stride_om", "stride_kn", "stride_vn")
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
-
-
-def _compilable(kernel):
-    """A JITFunction of ``kernel`` whose @triton.jit helpers are JITFunctions too.
-
-    Under TRITON_INTERPRET=1 every @triton.jit object is an interpreter function, so
-    re-wrapping only the kernel leaves its helpers uncompilable; rebuild them over a
-    copy of the module globals. (Compiling under the interpreter still fails on
-    triton.language's own @jit helpers such as tl.sum, so the compile gate compiles
-    in a subprocess without the interpreter.)
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    if not isinstance(kernel, InterpretedFunction):
-        return kernel
-    env = dict(kernel.fn.__globals__)
-
-    def rebuild(f):
-        return JITFunction(types.FunctionType(f.__code__, env, f.__name__, f.__defaults__, f.__closure__))
-
-    for name, val in list(env.items()):
-        if isinstance(val, InterpretedFunction):
-            env[name] = rebuild(val.fn)
-    return rebuild(kernel.fn)
 
 
 def _signature(dtype: str) -> dict:
@@ -316,12 +209,6 @@ def _signature(dtype: str) -> dict:
     return sig
 
 
-def _attrs(sig: dict) -> dict:
-    names = list(sig)  # same order as the kernel's parameters
-    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-            if sig[n].startswith("*") or n in _ALIGNED_INTS}
-
-
 def aot_specs() -> list[AotSpec]:
     """Every (autotune config x default tile size x head dim) the launcher can pick, with
     the architectures the gate compiles it for.
@@ -337,9 +224,7 @@ def aot_specs() -> list[AotSpec]:
     WANT_MASS=True with POLICY=vskip and VISUAL_SELF is the largest code (mass adds
     registers, not shared memory); the other variants only drop terms.
     """
-    kernel = _compilable(attn_fwd_kernel)
-    if list(_signature("fp16")) != list(kernel.arg_names):  # attrs are keyed by parameter index
-        raise AssertionError(f"_signature is out of sync with attn_fwd_kernel's parameters {kernel.arg_names}")
+    kernel = compilable(attn_fwd_kernel)
     specs = []
     for d in HEAD_DIMS:
         for dtype in ("fp16", "bf16", "fp32"):
@@ -360,14 +245,14 @@ def aot_specs() -> list[AotSpec]:
                 for (w, s), targets in jobs:
                     if not targets:
                         continue
-                    specs.append(TargetedAotSpec(
+                    specs.append(aot_spec(
                         name=f"attn_{dtype}_d{d}_m{bm}n{bn}_w{w}s{s}",
                         fn=kernel,
                         signature=sig,
-                        constexprs={"HEAD_DIM": d, "BLOCK_D": _block_d(d), "BLOCK_M": bm, "BLOCK_N": bn,
+                        constexprs={"HEAD_DIM": d, "BLOCK_D": block_d_for(d), "BLOCK_M": bm, "BLOCK_N": bn,
                                     "POLICY": 1, "VISUAL_SELF": True, "WANT_MASS": True, "WANT_LSE": True,
                                     "COUNT_TILES": False, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "DOT_F32": False,
                                     **{n: 1 for n in _UNIT_STRIDES}},
-                        num_warps=w, num_stages=s, targets=targets, attrs=_attrs(sig),
+                        num_warps=w, num_stages=s, targets=targets,
                     ))
     return specs

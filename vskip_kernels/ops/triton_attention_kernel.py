@@ -4,6 +4,13 @@ One program per (query tile, batch * query head). It walks the key tiles the
 schedule lists for its query tile: first the *full* ones, where every entry is
 allowed and no mask is built, then the *partial* ones, masked from the token
 kinds. Key tiles listed in neither are never loaded.
+
+Non-finite inputs follow the torch backend's rules (ops/torch_backend.py), here and in
+the decode and visual-mass kernels: NaN/inf in q spoils only that query's row; in k at
+key j, exactly the rows allowed to attend j (masked scores become -inf first); in v at
+key j, the rows attending j and possibly other rows that share a key tile with j
+(0 * NaN in P @ V). Rows with no allowed key stay exact zeros (mass 0, lse -inf), and a
+NaN running sum is never mistaken for an empty row (python_tests/test_hardening_inputs.py).
 """
 from __future__ import annotations
 

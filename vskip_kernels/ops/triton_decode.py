@@ -16,29 +16,21 @@ query heads it served, so the count equals the prefill kernel's convention
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ..schedule import POLICY_CODES, Schedule
 from .aot import AotSpec
-from .dispatch import interpreter_on
-
-LOG2E = 1.4426950408889634
+from .triton_common import (BLOCK_DS, DTYPES, LOG2E, ROW_BLOCKS, aot_spec, block_d_for, check_supported,
+                            checked_counter, f32_dot, kernel_signature, row_blocks, split_block_n, split_count)
 
 # Decode rows are (query head, query) pairs of one KV head; more than this many
 # rows are spread over several programs (row blocks) that each re-read K/V.
 MAX_DECODE_QUERIES = 16
-ROW_BLOCKS = (16, 64)
-BLOCK_DS = (64, 128, 256)  # padded head dims: 64 | 80, 96, 128 | 256
 # Interpreter runs use a small fixed split count so tests cross split boundaries.
 CPU_SPLITS = 4
-MAX_SPLITS = 128
 MERGE_ROWS = 16
-_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
 def use_decode_path(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -46,40 +38,14 @@ def use_decode_path(q: torch.Tensor, k: torch.Tensor) -> bool:
     return q.shape[2] <= MAX_DECODE_QUERIES
 
 
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _block_n(block_d: int, dtype: str) -> int:
-    # K and V tiles of at most 16 KiB each: double-buffered, plus the Q tile, they
-    # stay inside sm86/sm89's 99 KiB at every head dim.
-    return min(64, 16384 // (block_d * _ELEM[dtype]))
-
-
 def _num_warps(block_r: int, block_d: int) -> int:
     return 8 if block_r * block_d >= 64 * 128 else 4
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def num_splits(batch_programs: int, max_tiles: int, device: torch.device) -> int:
     """Splits per (sequence, KV head, row block): about two waves of programs, at
     least one key tile each."""
-    if max_tiles <= 1:
-        return 1
-    if device.type != "cuda":
-        return min(CPU_SPLITS, max_tiles)
-    want = triton.cdiv(2 * _sm_count(device.index or 0), max(1, batch_programs))
-    return max(1, min(want, max_tiles, MAX_SPLITS))
-
-
-def _tile_counter():
-    from . import triton_attention
-
-    return triton_attention.active_counter()
+    return split_count(batch_programs, max_tiles, device, CPU_SPLITS)
 
 
 def _union_lists(schedule: Schedule):
@@ -267,30 +233,12 @@ def _decode_merge_kernel(
         tl.store(MASS + stat, vis / w_safe, mask=row_ok)
 
 
-def _row_blocks(dtype: str) -> tuple[int, ...]:
-    # A 64-row fp32 Q tile at head dim 256 alone takes 64 KiB of shared memory.
-    return ROW_BLOCKS[:1] if dtype == "fp32" else ROW_BLOCKS
-
-
 def _row_block(group: int, nq: int, dtype: str) -> tuple[int, int]:
     """(BLOCK_R, heads per row block): the smallest row block holding the whole
     group, else the largest one holding as many whole heads as fit."""
-    blocks = _row_blocks(dtype)
+    blocks = row_blocks(dtype)
     block_r = next((r for r in blocks if r >= group * nq), blocks[-1])
     return block_r, min(group, block_r // nq)
-
-
-def _f32_dot(dtype: torch.dtype) -> bool:
-    # fp32 inputs: exact dots (no TF32). bf16 under the interpreter: its dot
-    # misreads bf16 operands, and fp32 dots of bf16 values give the same products.
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_on())
-
-
-def _counter_arg(device: torch.device):
-    counter = _tile_counter()
-    if counter is not None and counter.device.type != device.type:
-        raise ValueError(f"count_tiles() counter is on {counter.device} but the kernel runs on {device}")
-    return counter
 
 
 def decode_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_mass: bool, want_lse: bool):
@@ -301,13 +249,10 @@ def decode_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_mass:
     """
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"decode attention supports float16, bfloat16 and float32, got {q.dtype}")
-    if not 16 <= d <= 256:
-        raise ValueError(f"decode attention supports head dims 16..256 (64, 80, 96, 128, 256 tuned), got D={d}")
-    dtype = _DTYPES[q.dtype]
-    if nq > _row_blocks(dtype)[-1]:
-        raise ValueError(f"decode attention takes at most {_row_blocks(dtype)[-1]} {q.dtype} queries, got Nq={nq}")
+    check_supported("decode attention", q.dtype, d)
+    dtype = DTYPES[q.dtype]
+    if nq > row_blocks(dtype)[-1]:
+        raise ValueError(f"decode attention takes at most {row_blocks(dtype)[-1]} {q.dtype} queries, got Nq={nq}")
     if (schedule.nq, schedule.nk, schedule.kind.shape[0]) != (nq, nk, bsz):
         raise ValueError(f"schedule was planned for B={schedule.kind.shape[0]}, Nq={schedule.nq}, "
                          f"Nk={schedule.nk}; got B={bsz}, Nq={nq}, Nk={nk}")
@@ -316,8 +261,8 @@ def decode_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_mass:
     kind = schedule.kind if schedule.kind.stride(-1) == 1 else schedule.kind.contiguous()
     full_cnt, full_idx, part_cnt, part_idx = (t.contiguous() for t in _union_lists(schedule))
 
-    block_d = _block_d(d)
-    block_n = min(_block_n(block_d, dtype), schedule.block_n)
+    block_d = block_d_for(d)
+    block_n = min(split_block_n(block_d, dtype), schedule.block_n)
     block_r, heads_per_block = _row_block(group, nq, dtype)
     n_row_blocks = triton.cdiv(group, heads_per_block)
     programs = bsz * hkv * n_row_blocks
@@ -333,7 +278,7 @@ def decode_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_mass:
         o_part = torch.empty(bsz * hkv, splits, group * nq, d, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(bsz * hkv, splits, group * nq, dtype=torch.float32, device=q.device)
         vis_part = torch.empty_like(lse_part) if want_mass else lse_part
-    counter = _counter_arg(q.device)
+    counter = checked_counter(q.device)
 
     _decode_split_kernel[(programs, splits)](
         q, k, v, kind, full_cnt, full_idx, part_cnt, part_idx,
@@ -347,7 +292,7 @@ def decode_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_mass:
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
         POLICY=POLICY_CODES[schedule.policy], VISUAL_SELF=bool(schedule.visual_self),
         WANT_MASS=bool(want_mass), DIRECT=direct, COUNT_TILES=counter is not None,
-        F32_DOT=_f32_dot(q.dtype), num_warps=_num_warps(block_r, block_d), num_stages=2,
+        F32_DOT=f32_dot(q.dtype), num_warps=_num_warps(block_r, block_d), num_stages=2,
     )
     if not direct:
         rows = group * nq
@@ -361,49 +306,23 @@ def decode_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_mass:
 
 
 def _split_signature(dt: str) -> dict:
-    sig = {n: f"*{dt}" for n in ("Q", "K", "V")}
-    sig.update(KIND="*i8", FULL_CNT="*i32", FULL_IDX="*i32", PART_CNT="*i32", PART_IDX="*i32",
-               O_PART="*fp32", LSE_PART="*fp32", VIS_PART="*fp32", OUT=f"*{dt}", MASS="*fp32", LSE="*fp32",
-               CNT="*i32", sm_scale_log2="fp32")
-    for name in ("n_kv_heads", "group", "nq", "nk", "head_dim", "tile_n", "heads_per_block", "n_row_blocks", "num_splits",
-                 "stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
-                 "stride_vb", "stride_vh", "stride_vn", "stride_ob", "stride_oh", "stride_on",
-                 "stride_kind", "stride_cnt", "stride_idx"):
-        sig[name] = "i32"
-    for name in ("BLOCK_R", "BLOCK_N", "BLOCK_D", "POLICY", "VISUAL_SELF",
-                 "WANT_MASS", "DIRECT", "COUNT_TILES", "F32_DOT"):
-        sig[name] = "constexpr"
-    return sig
+    return kernel_signature(
+        dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", KIND="*i8", FULL_CNT="*i32", FULL_IDX="*i32", PART_CNT="*i32",
+             PART_IDX="*i32", O_PART="*fp32", LSE_PART="*fp32", VIS_PART="*fp32", OUT=f"*{dt}", MASS="*fp32",
+             LSE="*fp32", CNT="*i32", sm_scale_log2="fp32"),
+        i32=("n_kv_heads", "group", "nq", "nk", "head_dim", "tile_n", "heads_per_block", "n_row_blocks", "num_splits",
+             "stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
+             "stride_vb", "stride_vh", "stride_vn", "stride_ob", "stride_oh", "stride_on",
+             "stride_kind", "stride_cnt", "stride_idx"),
+        constexpr=("BLOCK_R", "BLOCK_N", "BLOCK_D", "POLICY", "VISUAL_SELF", "WANT_MASS", "DIRECT", "COUNT_TILES",
+                   "F32_DOT"))
 
 
 def _merge_signature(dt: str) -> dict:
-    sig = dict(O_PART="*fp32", LSE_PART="*fp32", VIS_PART="*fp32", OUT=f"*{dt}", MASS="*fp32", LSE="*fp32")
-    for name in ("n_kv_heads", "group", "nq", "head_dim", "num_splits", "stride_ob", "stride_oh", "stride_on"):
-        sig[name] = "i32"
-    for name in ("BLOCK_D", "BLOCK_ROWS", "WANT_MASS"):
-        sig[name] = "constexpr"
-    return sig
-
-
-# Integer arguments that are multiples of 16 at run time (Triton specialises them,
-# which enables vectorised loads and the multi-buffered K/V pipeline).
-_ALIGNED_INTS = ("head_dim", "tile_n", "stride_qb", "stride_qh", "stride_qn", "stride_qs", "stride_kb", "stride_kh",
-                 "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_ob", "stride_oh", "stride_on")
-
-
-def _spec(*, fn, signature, **kw) -> AotSpec:
-    """An AotSpec with the run-time divisibility attributes, so the gate measures the
-    kernel that really runs (launch-time alignment raises shared memory use)."""
-    from .triton_attention import TargetedAotSpec
-
-    code = fn.fn.__code__  # the Python function behind a JIT or interpreter kernel
-    names = code.co_varnames[: code.co_argcount]
-    if set(names) != set(signature):
-        raise ValueError(f"{fn.fn.__name__} signature lists {sorted(signature)}, the kernel takes {names}")
-    signature = {n: signature[n] for n in names}  # attrs are keyed by parameter index
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if signature[n].startswith("*") or n in _ALIGNED_INTS}
-    return TargetedAotSpec(fn=fn, signature=signature, attrs=attrs, **kw)
+    return kernel_signature(
+        dict(O_PART="*fp32", LSE_PART="*fp32", VIS_PART="*fp32", OUT=f"*{dt}", MASS="*fp32", LSE="*fp32"),
+        i32=("n_kv_heads", "group", "nq", "head_dim", "num_splits", "stride_ob", "stride_oh", "stride_on"),
+        constexpr=("BLOCK_D", "BLOCK_ROWS", "WANT_MASS"))
 
 
 def aot_specs() -> list[AotSpec]:
@@ -423,20 +342,20 @@ def aot_specs() -> list[AotSpec]:
     specs = []
     for dt in ("fp16", "bf16", "fp32"):
         for block_d in BLOCK_DS if dt != "fp32" else BLOCK_DS[-1:]:
-            blocks = _row_blocks(dt) if dt == "fp16" else _row_blocks(dt)[-1:]
+            blocks = row_blocks(dt) if dt == "fp16" else row_blocks(dt)[-1:]
             for block_r in blocks:
                 direct = block_r == ROW_BLOCKS[0] and dt == "fp16"
-                specs.append(_spec(
+                specs.append(aot_spec(
                     name=f"decode_split_{dt}_bd{block_d}_r{block_r}_{'direct' if direct else 'split'}",
                     fn=_decode_split_kernel, signature=_split_signature(dt),
-                    constexprs=dict(BLOCK_R=block_r, BLOCK_N=_block_n(block_d, dt), BLOCK_D=block_d,
+                    constexprs=dict(BLOCK_R=block_r, BLOCK_N=split_block_n(block_d, dt), BLOCK_D=block_d,
                                     POLICY=1, VISUAL_SELF=True, WANT_MASS=True,
                                     DIRECT=direct, COUNT_TILES=True, F32_DOT=dt == "fp32"),
                     num_warps=_num_warps(block_r, block_d), num_stages=2,
                 ))
         # The merge keeps nothing in shared memory; the dtype only changes the final cast.
         for block_d in BLOCK_DS if dt == "fp16" else BLOCK_DS[-1:]:
-            specs.append(_spec(
+            specs.append(aot_spec(
                 name=f"decode_merge_{dt}_bd{block_d}",
                 fn=_decode_merge_kernel, signature=_merge_signature(dt),
                 constexprs=dict(BLOCK_D=block_d, BLOCK_ROWS=MERGE_ROWS, WANT_MASS=True),

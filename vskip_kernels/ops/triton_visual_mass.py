@@ -18,54 +18,23 @@ pair adds 1; ``tile_plan`` gives the block sizes to derive the expected count.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ..schedule import POLICY_CODES
 from .aot import AotSpec
-from .dispatch import interpreter_on
+from .triton_common import (BLOCK_DS, DTYPES, LOG2E, ROW_BLOCKS, aot_spec, block_d_for, check_supported,
+                            checked_counter, f32_dot, kernel_signature, row_blocks, split_block_n, split_count)
 
-LOG2E = 1.4426950408889634
 _BIG = 1 << 30
-ROW_BLOCKS = (16, 64)
-BLOCK_DS = (64, 128, 256)  # padded head dims: 64 | 80, 96, 128 | 256
 CPU_SPLITS = 3  # interpreter: a small fixed split count so tests cross split boundaries
-MAX_SPLITS = 128
 MERGE_ROWS = 64
-_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
-
-
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _block_n(block_d: int, dtype: str) -> int:
-    # K tiles of at most 16 KiB: double-buffered plus the Q tile they fit sm86/sm89.
-    return min(64, 16384 // (block_d * _ELEM[dtype]))
-
-
-def _row_blocks(dtype: str) -> tuple[int, ...]:
-    # A 64-row fp32 Q tile at head dim 256 alone takes 64 KiB of shared memory.
-    return ROW_BLOCKS[:1] if dtype == "fp32" else ROW_BLOCKS
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def num_splits(programs: int, key_blocks: int, device: torch.device) -> int:
     """Key-range splits per row block: about two waves of programs in all."""
-    if key_blocks <= 1:
-        return 1
-    if device.type != "cuda":
-        return min(CPU_SPLITS, key_blocks)
-    want = triton.cdiv(2 * _sm_count(device.index or 0), max(1, programs))
-    return max(1, min(want, key_blocks, MAX_SPLITS))
+    return split_count(programs, key_blocks, device, CPU_SPLITS)
 
 
 def key_block_summary(kind: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,15 +50,6 @@ def key_block_summary(kind: torch.Tensor, block_n: int) -> tuple[torch.Tensor, t
     first_real = torch.where(blocks != 0, pos, big).amin(-1).to(torch.int32)
     first_text = torch.where(blocks == 1, pos, big).amin(-1).to(torch.int32)
     return first_real.contiguous(), first_text.contiguous()
-
-
-def _tile_counter(device: torch.device):
-    from . import triton_attention
-
-    counter = triton_attention.active_counter()
-    if counter is not None and counter.device.type != device.type:
-        raise ValueError(f"count_tiles() counter is on {counter.device} but the kernel runs on {device}")
-    return counter
 
 
 @triton.jit
@@ -230,10 +190,9 @@ def _mass_merge_kernel(
     tl.store(MASS + ((b * n_kv_heads * group + head) * n_sel + r // group), mass, mask=row_ok)
 
 
-def _f32_dot(dtype: torch.dtype) -> bool:
-    # fp32 inputs: exact dots (no TF32). bf16 under the interpreter: its dot
-    # misreads bf16 operands, and fp32 dots of bf16 values give the same products.
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_on())
+def _row_block(rows: int, dtype: str) -> int:
+    """BLOCK_M: the smallest row block holding every row, else the largest."""
+    return next((r for r in row_blocks(dtype) if r >= rows), row_blocks(dtype)[-1])
 
 
 def visual_mass(q, k, kind, q_pos, policy: str, visual_self: bool, softmax_scale: float) -> torch.Tensor:
@@ -243,26 +202,23 @@ def visual_mass(q, k, kind, q_pos, policy: str, visual_self: bool, softmax_scale
     (0 pad, 1 text, 2 visual), q_pos int32 [S]: key position of each selected query
     (any order). Rows with no allowed key give 0.
     """
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"visual mass supports float16, bfloat16 and float32, got {q.dtype}")
     bsz, hq, n_sel, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    if not 16 <= d <= 256:
-        raise ValueError(f"visual mass supports head dims 16..256 (64, 80, 96, 128, 256 tuned), got D={d}")
+    check_supported("visual mass", q.dtype, d)
     if tuple(kind.shape) != (bsz, nk) or kind.dtype != torch.int8:
         raise ValueError(f"kind must be int8 [B, Nk] = [{bsz}, {nk}], got {kind.dtype} {list(kind.shape)}")
     if q_pos.dim() != 1 or q_pos.numel() != n_sel:
         raise ValueError(f"q_pos must be a 1-D tensor of {n_sel} key positions, got shape {list(q_pos.shape)}")
     group = hq // hkv
-    dtype = _DTYPES[q.dtype]
+    dtype = DTYPES[q.dtype]
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     kind = kind.contiguous()
     q_pos = q_pos.to(device=q.device, dtype=torch.int32).contiguous()
 
-    block_d = _block_d(d)
-    block_n = _block_n(block_d, dtype)
+    block_d = block_d_for(d)
+    block_n = split_block_n(block_d, dtype)
     rows = n_sel * group
-    block_m = next((r for r in _row_blocks(dtype) if r >= rows), _row_blocks(dtype)[-1])
+    block_m = _row_block(rows, dtype)
     n_row_blocks = triton.cdiv(rows, block_m)
     n_key_blocks = triton.cdiv(nk, block_n)
     first_real, first_text = key_block_summary(kind, block_n)
@@ -276,7 +232,7 @@ def visual_mass(q, k, kind, q_pos, policy: str, visual_self: bool, softmax_scale
     else:
         lse_part = torch.empty(bsz * hkv, splits, rows, dtype=torch.float32, device=q.device)
         vis_part = torch.empty_like(lse_part)
-    counter = _tile_counter(q.device)
+    counter = checked_counter(q.device)
 
     _mass_split_kernel[(programs, splits)](
         q, k, kind, q_pos, first_real, first_text, lse_part, vis_part, mass,
@@ -287,7 +243,7 @@ def visual_mass(q, k, kind, q_pos, policy: str, visual_self: bool, softmax_scale
         kind.stride(0), first_real.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         POLICY=POLICY_CODES[policy], VISUAL_SELF=bool(visual_self), DIRECT=direct,
-        COUNT_TILES=counter is not None, F32_DOT=_f32_dot(q.dtype),
+        COUNT_TILES=counter is not None, F32_DOT=f32_dot(q.dtype),
         num_warps=4, num_stages=2,
     )
     if not direct:
@@ -300,44 +256,17 @@ def visual_mass(q, k, kind, q_pos, policy: str, visual_self: bool, softmax_scale
 def tile_plan(kind: torch.Tensor, q_pos: torch.Tensor, group: int, dtype: torch.dtype, head_dim: int):
     """(block_m, block_n): the row and key block sizes ``visual_mass`` uses, for
     tests that count processed tiles."""
-    dt = _DTYPES[dtype]
-    rows = q_pos.numel() * group
-    block_m = next((r for r in _row_blocks(dt) if r >= rows), _row_blocks(dt)[-1])
-    return block_m, _block_n(_block_d(head_dim), dt)
+    dt = DTYPES[dtype]
+    return _row_block(q_pos.numel() * group, dt), split_block_n(block_d_for(head_dim), dt)
 
 
 def _split_signature(dt: str) -> dict:
-    sig = dict(Q=f"*{dt}", K=f"*{dt}", KIND="*i8", QPOS="*i32", FIRST_REAL="*i32", FIRST_TEXT="*i32",
-               LSE_PART="*fp32", VIS_PART="*fp32", MASS="*fp32", CNT="*i32", sm_scale_log2="fp32")
-    for name in ("n_kv_heads", "group", "n_sel", "nk", "head_dim", "n_row_blocks", "num_splits",
-                 "stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_kn",
-                 "stride_kind", "stride_sum"):
-        sig[name] = "i32"
-    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "POLICY", "VISUAL_SELF", "DIRECT",
-                 "COUNT_TILES", "F32_DOT"):
-        sig[name] = "constexpr"
-    return sig
-
-
-# Integer arguments that are multiples of 16 at run time (Triton specialises them,
-# which enables vectorised loads and the multi-buffered K/V pipeline).
-_ALIGNED_INTS = ("head_dim", "tile_n", "stride_qb", "stride_qh", "stride_qn", "stride_qs", "stride_kb", "stride_kh",
-                 "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_ob", "stride_oh", "stride_on")
-
-
-def _spec(*, fn, signature, **kw) -> AotSpec:
-    """An AotSpec with the run-time divisibility attributes, so the gate measures the
-    kernel that really runs (launch-time alignment raises shared memory use)."""
-    from .triton_attention import TargetedAotSpec
-
-    code = fn.fn.__code__  # the Python function behind a JIT or interpreter kernel
-    names = code.co_varnames[: code.co_argcount]
-    if set(names) != set(signature):
-        raise ValueError(f"{fn.fn.__name__} signature lists {sorted(signature)}, the kernel takes {names}")
-    signature = {n: signature[n] for n in names}  # attrs are keyed by parameter index
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if signature[n].startswith("*") or n in _ALIGNED_INTS}
-    return TargetedAotSpec(fn=fn, signature=signature, attrs=attrs, **kw)
+    return kernel_signature(
+        dict(Q=f"*{dt}", K=f"*{dt}", KIND="*i8", QPOS="*i32", FIRST_REAL="*i32", FIRST_TEXT="*i32",
+             LSE_PART="*fp32", VIS_PART="*fp32", MASS="*fp32", CNT="*i32", sm_scale_log2="fp32"),
+        i32=("n_kv_heads", "group", "n_sel", "nk", "head_dim", "n_row_blocks", "num_splits",
+             "stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_kn", "stride_kind", "stride_sum"),
+        constexpr=("BLOCK_M", "BLOCK_N", "BLOCK_D", "POLICY", "VISUAL_SELF", "DIRECT", "COUNT_TILES", "F32_DOT"))
 
 
 def aot_specs() -> list[AotSpec]:
@@ -353,19 +282,19 @@ def aot_specs() -> list[AotSpec]:
     specs = []
     for dt in ("fp16", "bf16", "fp32"):
         for block_d in BLOCK_DS if dt != "fp32" else BLOCK_DS[-1:]:
-            blocks = _row_blocks(dt) if dt == "fp16" else _row_blocks(dt)[-1:]
+            blocks = row_blocks(dt) if dt == "fp16" else row_blocks(dt)[-1:]
             for block_m in blocks:
                 direct = block_m == ROW_BLOCKS[-1]
-                specs.append(_spec(
+                specs.append(aot_spec(
                     name=f"mass_split_{dt}_bd{block_d}_m{block_m}_{'direct' if direct else 'split'}",
                     fn=_mass_split_kernel, signature=_split_signature(dt),
-                    constexprs=dict(BLOCK_M=block_m, BLOCK_N=_block_n(block_d, dt), BLOCK_D=block_d,
+                    constexprs=dict(BLOCK_M=block_m, BLOCK_N=split_block_n(block_d, dt), BLOCK_D=block_d,
                                     POLICY=1, VISUAL_SELF=True, DIRECT=direct,
                                     COUNT_TILES=True, F32_DOT=dt == "fp32"),
                     num_warps=4, num_stages=2,
                 ))
     merge_sig = dict(LSE_PART="*fp32", VIS_PART="*fp32", MASS="*fp32", n_kv_heads="i32", group="i32",
                      n_sel="i32", num_splits="i32", BLOCK_ROWS="constexpr")
-    specs.append(_spec(name="mass_merge", fn=_mass_merge_kernel, signature=merge_sig,
+    specs.append(aot_spec(name="mass_merge", fn=_mass_merge_kernel, signature=merge_sig,
                          constexprs=dict(BLOCK_ROWS=MERGE_ROWS), num_warps=2))
     return specs
