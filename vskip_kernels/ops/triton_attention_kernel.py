@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_masks import policy_allowed
+
 LN2 = tl.constexpr(0.6931471805599453)
 # Finite stand-in for the running max: a row that has seen only masked entries keeps
 # m = -1e30, so exp2(m_old - m_new) is exp2(0) = 1 instead of exp2(-inf + inf) = NaN.
@@ -26,7 +28,7 @@ NEG_BIG = tl.constexpr(-1.0e30)
 @triton.jit
 def _tile_step(
     q, acc, m_i, l_i, vis_i,
-    k_base, v_base, kind_base, start_n, qpos, qkind,
+    k_base, v_base, kind_base, start_n, qpos, row_live, row_vis,
     stride_kn, stride_kd, stride_vn, stride_vd, Nk, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, POLICY: tl.constexpr, VISUAL_SELF: tl.constexpr,
@@ -53,15 +55,7 @@ def _tile_step(
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        # Mirrors reference.allowed_mask: causal, real key, real query, then the policy.
-        allowed = (offs_n[None, :] <= qpos[:, None]) & (kkind != 0)[None, :] & (qkind != 0)[:, None]
-        if POLICY == 1:
-            blocked = (qkind == 2)[:, None] & (kkind == 2)[None, :]
-            if VISUAL_SELF:
-                blocked = blocked & (offs_n[None, :] != qpos[:, None])
-            allowed = allowed & (blocked == 0)
-        if POLICY == 2:
-            allowed = allowed & (qkind != 2)[:, None]
+        allowed = policy_allowed(offs_n, kkind, qpos, row_live, row_vis, POLICY, VISUAL_SELF)
         s = tl.where(allowed, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -125,6 +119,10 @@ def attn_fwd_kernel(
     kind_base = Kind + b * stride_kind_b
     qpos = offs_m + (Nk - Nq)  # query row i is key position i + Nk - Nq
     qkind = tl.load(kind_base + qpos, mask=m_live, other=0)
+    row_vis = qkind == 2
+    row_live = qkind != 0
+    if POLICY == 2:  # frozen: visual rows attend nothing
+        row_live = row_live & ~row_vis
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
 
@@ -137,7 +135,7 @@ def attn_fwd_kernel(
     for i in range(0, n_full):
         start_n = tl.load(FullIdx + idx_base + i) * BLOCK_N
         acc, m_i, l_i, vis_i = _tile_step(
-            q, acc, m_i, l_i, vis_i, k_base, v_base, kind_base, start_n, qpos, qkind,
+            q, acc, m_i, l_i, vis_i, k_base, v_base, kind_base, start_n, qpos, row_live, row_vis,
             stride_kn, stride_kd, stride_vn, stride_vd, Nk, qk_scale,
             HEAD_DIM, BLOCK_D, BLOCK_N, False, POLICY, VISUAL_SELF, WANT_MASS, DOT_PRECISION, DOT_F32,
         )
@@ -146,7 +144,7 @@ def attn_fwd_kernel(
     for i in range(0, n_part):
         start_n = tl.load(PartIdx + idx_base + i) * BLOCK_N
         acc, m_i, l_i, vis_i = _tile_step(
-            q, acc, m_i, l_i, vis_i, k_base, v_base, kind_base, start_n, qpos, qkind,
+            q, acc, m_i, l_i, vis_i, k_base, v_base, kind_base, start_n, qpos, row_live, row_vis,
             stride_kn, stride_kd, stride_vn, stride_vd, Nk, qk_scale,
             HEAD_DIM, BLOCK_D, BLOCK_N, True, POLICY, VISUAL_SELF, WANT_MASS, DOT_PRECISION, DOT_F32,
         )

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ..schedule import POLICY_CODES, Schedule
 from .aot import AotSpec
+from .triton_masks import policy_allowed
 from .triton_common import (BLOCK_DS, DTYPES, LOG2E, ROW_BLOCKS, aot_spec, block_d_for, check_supported,
                             checked_counter, f32_dot, kernel_signature, row_blocks, split_block_n, split_count)
 
@@ -140,12 +141,7 @@ def _decode_split_kernel(
             else:
                 s = tl.dot(q, tl.trans(k))
             s = s * sm_scale_log2
-            allowed = row_live[:, None] & (kk != 0)[None, :] & (offs_n[None, :] <= qpos[:, None])
-            if POLICY == 1:
-                blocked = row_vis[:, None] & (kk == 2)[None, :]
-                if VISUAL_SELF:
-                    blocked = blocked & (offs_n[None, :] != qpos[:, None])
-                allowed = allowed & ~blocked
+            allowed = policy_allowed(offs_n, kk, qpos, row_live, row_vis, POLICY, VISUAL_SELF)
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with nothing allowed yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -164,7 +160,8 @@ def _decode_split_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
-    has = l_i > 0.0
+    # != rather than >: a NaN running sum must stay NaN, not pass for an empty row
+    has = l_i != 0.0
     l_safe = tl.where(has, l_i, 1.0)
     # where, not just l_safe: 0 * NaN in P @ V would leak a NaN/inf value into empty rows.
     o = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
@@ -223,7 +220,7 @@ def _decode_merge_kernel(
         if WANT_MASS:
             vis = vis * alpha + w * tl.load(VIS_PART + base + s * rows, mask=row_ok, other=0.0)
         top = new_top
-    has = w_sum > 0.0
+    has = w_sum != 0.0  # NaN partials propagate instead of being dropped as empty
     w_safe = tl.where(has, w_sum, 1.0)
     o_ptrs = OUT + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, (acc / w_safe[:, None]).to(OUT.dtype.element_ty), mask=mask2)

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ..schedule import POLICY_CODES
 from .aot import AotSpec
+from .triton_masks import policy_allowed
 from .triton_common import (BLOCK_DS, DTYPES, LOG2E, ROW_BLOCKS, aot_spec, block_d_for, check_supported,
                             checked_counter, f32_dot, kernel_signature, row_blocks, split_block_n, split_count)
 
@@ -133,12 +134,7 @@ def _mass_split_kernel(
             else:
                 s = tl.dot(q, tl.trans(k))
             s = s * sm_scale_log2
-            allowed = row_live[:, None] & (kk != 0)[None, :] & (offs_n[None, :] <= qpos[:, None])
-            if POLICY == 1:
-                blocked = restricted[:, None] & (kk == 2)[None, :]
-                if VISUAL_SELF:
-                    blocked = blocked & (offs_n[None, :] != qpos[:, None])
-                allowed = allowed & ~blocked
+            allowed = policy_allowed(offs_n, kk, qpos, row_live, restricted, POLICY, VISUAL_SELF)
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # Rows with nothing allowed yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -149,7 +145,7 @@ def _mass_split_kernel(
             vis_i = vis_i * alpha + tl.sum(tl.where((kk == 2)[None, :], p, 0.0), 1)
             m_i = m_new
 
-    has = l_i > 0.0
+    has = l_i != 0.0  # a NaN running sum must stay NaN, not pass for an empty row
     l_safe = tl.where(has, l_i, 1.0)
     frac = vis_i / l_safe
     if DIRECT:
