@@ -39,7 +39,7 @@ def native_extensions():
         return [], {}
 
     # sources relative to setup.py, as setuptools requires
-    cpu_sources = [f"{CSRC}/vskip_ops.cpp", f"{CSRC}/cpu/plan_schedule_cpu.cpp", f"{CSRC}/cpu/visual_mass_cpu.cpp"]
+    cpu_sources = [f"{CSRC}/vskip_ops.cpp", f"{CSRC}/cpu/plan_schedule_cpu.cpp"]
     cuda_sources = [f"{CSRC}/cuda/plan_schedule_kernel.cu", f"{CSRC}/cuda/plan_schedule_cuda.cpp"]
     # -fopenmp-simd: lets the fp32 dot products vectorise (reassociation) without an OpenMP runtime
     cxx_flags = ["-O3", "-fopenmp-simd"]

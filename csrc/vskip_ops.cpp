@@ -10,11 +10,6 @@ TORCH_LIBRARY(vskip, m) {
   m.def(
       "plan_schedule(Tensor kind, int nq, int policy, bool visual_self, int block_m, int block_n)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
-  // Visual attention mass of a few queries (decode, FlashVLM's A_v) in one fused pass.
-  // q [B, Hq, S, D] at key positions q_pos int32 [S]; k [B, Hkv, Nk, D]; returns fp32 [B, Hq, S].
-  m.def(
-      "visual_mass(Tensor q, Tensor k, Tensor kind, Tensor q_pos, int policy, bool visual_self, float scale)"
-      " -> Tensor");
 }
 
 // Importing vskip_kernels._C runs the static registrations above; the module

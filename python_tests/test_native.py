@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vskip_kernels import _native
-from vskip_kernels.reference import attention_ref, token_kind
-from vskip_kernels.schedule import POLICY_CODES, plan_schedule
+from vskip_kernels.reference import token_kind
+from vskip_kernels.schedule import plan_schedule
 
 needs_native = pytest.mark.skipif(
     not _native.available(),
@@ -114,21 +114,12 @@ def test_fake_and_meta_shapes():
     for res in (outs, meta):
         assert [tuple(t.shape) for t in res] == [(3, 4), (3, 4, 3), (3, 4), (3, 4, 3)]
         assert all(t.dtype == torch.int32 for t in res)
-    with FakeTensorMode():
-        mass = torch.ops.vskip.visual_mass(
-            torch.empty(2, 8, 3, 64, dtype=torch.bfloat16), torch.empty(2, 2, 40, 64, dtype=torch.bfloat16),
-            torch.empty(2, 40, dtype=torch.int8), torch.empty(3, dtype=torch.int32), 1, True, 0.125,
-        )
-    assert tuple(mass.shape) == (2, 8, 3) and mass.dtype == torch.float32
 
 
 @needs_native
 def test_opcheck():
     kind = torch.tensor([[1, 2, 2, 2, 0, 1, 2, 1, 1, 2, 2, 2, 1, 1, 1, 1, 2, 0]], dtype=torch.int8).repeat(2, 1)
     torch.library.opcheck(torch.ops.vskip.plan_schedule.default, (kind, 12, 1, True, 16, 16))
-    q, k = torch.randn(2, 4, 2, 16), torch.randn(2, 2, kind.shape[1], 16)
-    q_pos = torch.tensor([5, 17], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.vskip.visual_mass.default, (q, k, kind, q_pos, 1, True, 0.25))
 
 
 @needs_native
@@ -143,53 +134,6 @@ def test_compile_fullgraph_through_plan_schedule():
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     for got, ref in zip(compiled(is_visual, mask), f(is_visual, mask)):
         assert torch.equal(got, ref)
-
-
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_native_visual_mass_matches_reference(dtype):
-    g = torch.Generator().manual_seed(99)
-    op = torch.ops.vskip.visual_mass
-    for trial in range(4):
-        b, hkv = 2, (1, 2)[trial % 2]
-        hq, d = hkv * (1, 2, 4)[trial % 3], (16, 64, 80)[trial % 3]
-        nk = int(torch.randint(2, 96, (1,), generator=g))
-        nq = nk if trial % 2 else int(torch.randint(1, nk + 1, (1,), generator=g))
-        q = torch.randn(b, hq, nq, d, generator=g).to(dtype)
-        k = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
-        v = torch.zeros(b, hkv, nk, 1, dtype=dtype)
-        is_visual, mask = _random_layout(g, b, nk)
-        kind = token_kind(is_visual, mask)
-        idx = torch.unique(torch.cat([torch.randint(0, nq, (3,), generator=g), torch.tensor([nq - 1])]))
-        q_pos = (idx + nk - nq).to(torch.int32)
-        scale = 0.7 / d**0.5
-        for policy in ("dense", "vskip", "frozen"):
-            for visual_self in (True, False):
-                kw = dict(policy=policy, attention_mask=mask, visual_self=visual_self, softmax_scale=scale)
-                ref32 = attention_ref(q.float(), k.float(), v.float(), is_visual, **kw)[1][:, :, idx]
-                ref_lp = attention_ref(q, k, v, is_visual, upcast=False, **kw)[1][:, :, idx]
-                got = op(q[:, :, idx].contiguous(), k, kind, q_pos, POLICY_CODES[policy], visual_self, scale)
-                assert got.dtype == torch.float32 and got.shape == ref32.shape
-                bound = 2 * (ref_lp.float() - ref32).abs().max().item() + 1e-5
-                assert (got - ref32).abs().max().item() <= bound, (policy, visual_self, trial)
-
-
-@needs_native
-def test_native_visual_mass_gqa_strided_k_and_bad_arguments():
-    g = torch.Generator().manual_seed(5)
-    op = torch.ops.vskip.visual_mass
-    q = torch.randn(1, 4, 2, 32, generator=g)
-    k_t = torch.randn(1, 50, 2, 32, generator=g)
-    k = k_t.transpose(1, 2)  # [B, Hkv, Nk, D] view with a dense head dim, as a KV cache may hold it
-    kind = torch.randint(0, 3, (1, 50), generator=g, dtype=torch.int8)
-    q_pos = torch.tensor([20, 49], dtype=torch.int32)
-    assert torch.equal(op(q, k, kind, q_pos, 0, True, 0.2), op(q, k.contiguous(), kind, q_pos, 0, True, 0.2))
-    with pytest.raises(ValueError, match="q_pos"):
-        op(q, k, kind, torch.tensor([20, 50], dtype=torch.int32), 0, True, 0.2)
-    with pytest.raises(TypeError, match="q_pos"):
-        op(q, k, kind, q_pos.long(), 0, True, 0.2)
-    with pytest.raises(ValueError, match="multiple"):
-        op(torch.randn(1, 3, 2, 32), k, kind, q_pos, 0, True, 0.2)
 
 
 @pytest.mark.cuda

@@ -29,10 +29,6 @@ def _register_fakes() -> None:
             kind.new_empty((b, mt, nt), dtype=torch.int32),
         )
 
-    @torch.library.register_fake("vskip::visual_mass")
-    def _visual_mass_fake(q, k, kind, q_pos, policy, visual_self, scale):
-        return q.new_empty(q.shape[:3], dtype=torch.float32)
-
 
 def _load() -> bool:
     if os.environ.get("VSKIP_DISABLE_NATIVE") == "1":

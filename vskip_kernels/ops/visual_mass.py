@@ -5,7 +5,6 @@ import math
 
 import torch
 
-from .. import _native
 from .._validate import check_backend, check_mask_inputs, check_qkv
 from ..reference import token_kind
 from ..schedule import POLICY_CODES
@@ -25,11 +24,6 @@ def _visual_mass_op(
     softmax_scale: float,
     backend: str,
 ) -> torch.Tensor:
-    if backend == "torch" and q.device.type == "cpu":
-        # the native CPU op streams K once per query block (3-5x the PyTorch path)
-        native = _native.get_op("visual_mass")
-        if native is not None:
-            return native(q, k, kind, q_pos, policy_code, visual_self, softmax_scale)
     policy = _POLICY_NAMES[policy_code]
     if backend == "triton":
         from . import triton_visual_mass as impl
