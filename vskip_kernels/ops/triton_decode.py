@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..schedule import POLICY_CODES, Schedule
 from .aot import AotSpec
-from .triton_masks import policy_allowed
+from .triton_masks import masked_softmax_step, policy_allowed
 from .triton_common import (BLOCK_DS, DTYPES, LOG2E, ROW_BLOCKS, aot_spec, block_d_for, check_supported,
                             checked_counter, f32_dot, kernel_signature, row_blocks, split_block_n, split_count)
 
@@ -142,15 +142,7 @@ def _decode_split_kernel(
                 s = tl.dot(q, tl.trans(k))
             s = s * sm_scale_log2
             allowed = policy_allowed(offs_n, kk, qpos, row_live, row_vis, POLICY, VISUAL_SELF)
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with nothing allowed yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if WANT_MASS:
-                vis_i = vis_i * alpha + tl.sum(tl.where((kk == 2)[None, :], p, 0.0), 1)
+            p, alpha, m_new, l_i, vis_i = masked_softmax_step(s, allowed, kk, m_i, l_i, vis_i, WANT_MASS)
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
             if F32_DOT:
                 # p is still rounded to v's dtype, as the tensor-core path does.

@@ -1,6 +1,7 @@
-"""The policy mask of one (query rows x key tile) block, shared by every Triton kernel.
+"""Tile-level pieces shared by the Triton kernels: the policy mask of one (query rows x
+key tile) block, and the online-softmax step of the split (decode, visual-mass) kernels.
 
-This is ``reference.allowed_mask`` restricted to a tile; keeping it in one place
+The mask is ``reference.allowed_mask`` restricted to a tile; keeping it in one place
 keeps the prefill, decode and visual-mass kernels in step with the contract.
 """
 from __future__ import annotations
@@ -24,3 +25,22 @@ def policy_allowed(offs_n, kkind, qpos, row_live, row_visual, POLICY: tl.constex
             blocked = blocked & (offs_n[None, :] != qpos[:, None])
         allowed = allowed & ~blocked
     return allowed
+
+
+@triton.jit
+def masked_softmax_step(s, allowed, kkind, m_i, l_i, vis_i, WANT_MASS: tl.constexpr):
+    """One online-softmax step of the split kernels over a score tile ``s`` (log2 units).
+
+    Running max, total sum and visual sum are rescaled together, so the visual share
+    of every row is exact at the end. Returns (p, alpha, m_new, l_i, vis_i).
+    """
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing allowed yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if WANT_MASS:
+        vis_i = vis_i * alpha + tl.sum(tl.where((kkind == 2)[None, :], p, 0.0), 1)
+    return p, alpha, m_new, l_i, vis_i

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..schedule import POLICY_CODES
 from .aot import AotSpec
-from .triton_masks import policy_allowed
+from .triton_masks import masked_softmax_step, policy_allowed
 from .triton_common import (BLOCK_DS, DTYPES, LOG2E, ROW_BLOCKS, aot_spec, block_d_for, check_supported,
                             checked_counter, f32_dot, kernel_signature, row_blocks, split_block_n, split_count)
 
@@ -135,14 +135,7 @@ def _mass_split_kernel(
                 s = tl.dot(q, tl.trans(k))
             s = s * sm_scale_log2
             allowed = policy_allowed(offs_n, kk, qpos, row_live, restricted, POLICY, VISUAL_SELF)
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Rows with nothing allowed yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vis_i = vis_i * alpha + tl.sum(tl.where((kk == 2)[None, :], p, 0.0), 1)
+            _, _, m_new, l_i, vis_i = masked_softmax_step(s, allowed, kk, m_i, l_i, vis_i, True)
             m_i = m_new
 
     has = l_i != 0.0  # a NaN running sum must stay NaN, not pass for an empty row
