@@ -93,6 +93,13 @@ def live_pairs(p, block_m, block_n):
     return int(live_tile_pairs(allowed, block_m, block_n).sum())
 
 
+def run_triton(p, q, k, v, sched):
+    """(out, visual_mass, lse) from the triton backend for problem ``p`` on schedule ``sched``."""
+    return modality_attention(q, k, v, p["vis"], policy=p["policy"], attention_mask=p["mask"],
+                              visual_self=p["visual_self"], return_visual_mass=True, return_lse=True,
+                              schedule=sched, backend="triton")
+
+
 @BUDGET
 @given(p=problems((1, 70)), block_m=st.sampled_from((16, 32, 64)), block_n=st.sampled_from((16, 32, 64)))
 def test_prefill_kernel_random_layouts(p, block_m, block_n):
@@ -101,9 +108,7 @@ def test_prefill_kernel_random_layouts(p, block_m, block_n):
                           block_m=block_m, block_n=block_n)
     # Small Nq would take the decode path; force the prefill kernel so it sees every Nq too.
     with mock.patch.object(td, "use_decode_path", lambda q, k: False), ta.count_tiles() as counter:
-        got = modality_attention(q, k, v, p["vis"], policy=p["policy"], attention_mask=p["mask"],
-                                 visual_self=p["visual_self"], return_visual_mass=True, return_lse=True,
-                                 schedule=sched, backend="triton")
+        got = run_triton(p, q, k, v, sched)
     check_attention(p, q, k, v, got)
     assert counter.value == q.shape[1] * live_pairs(p, block_m, block_n)
 
@@ -116,9 +121,7 @@ def test_decode_kernel_random_layouts(p, block_m, block_n):
                           block_m=block_m, block_n=block_n)
     assert td.use_decode_path(q, k)
     with ta.count_tiles() as counter:
-        got = modality_attention(q, k, v, p["vis"], policy=p["policy"], attention_mask=p["mask"],
-                                 visual_self=p["visual_self"], return_visual_mass=True, return_lse=True,
-                                 schedule=sched, backend="triton")
+        got = run_triton(p, q, k, v, sched)
     check_attention(p, q, k, v, got)
     # Nq <= 4 < block_m: one query tile, so each live key tile serves every query head once.
     assert counter.value == q.shape[1] * live_pairs(p, block_m, block_n)

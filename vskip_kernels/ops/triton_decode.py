@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..schedule import POLICY_CODES, Schedule
 from .aot import AotSpec
-from .triton_masks import masked_softmax_step, policy_allowed
+from .triton_masks import lse_merge_step, masked_softmax_step, policy_allowed
 from .triton_common import (BLOCK_DS, DTYPES, LOG2E, ROW_BLOCKS, aot_spec, block_d_for, check_supported,
                             checked_counter, f32_dot, kernel_signature, row_blocks, split_block_n, split_count)
 
@@ -201,11 +201,7 @@ def _decode_merge_kernel(
     base = bh * num_splits * rows + row
     for s in range(0, num_splits):
         lse_s = tl.load(LSE_PART + base + s * rows, mask=row_ok, other=float("-inf"))
-        new_top = tl.maximum(top, lse_s)
-        # Splits with nothing allowed carry -inf; shift by 0 so they weigh 0, not NaN.
-        safe = tl.where(new_top == float("-inf"), 0.0, new_top)
-        alpha = tl.exp2(top - safe)
-        w = tl.exp2(lse_s - safe)
+        alpha, w, new_top = lse_merge_step(top, lse_s)
         o_s = tl.load(O_PART + (base + s * rows)[:, None] * head_dim + offs_d[None, :], mask=mask2, other=0.0)
         acc = acc * alpha[:, None] + w[:, None] * o_s
         w_sum = w_sum * alpha + w

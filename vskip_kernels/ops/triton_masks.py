@@ -1,5 +1,6 @@
 """Tile-level pieces shared by the Triton kernels: the policy mask of one (query rows x
-key tile) block, and the online-softmax step of the split (decode, visual-mass) kernels.
+key tile) block, and the online-softmax and split-merge steps of the split (decode,
+visual-mass) kernels.
 
 The mask is ``reference.allowed_mask`` restricted to a tile; keeping it in one place
 keeps the prefill, decode and visual-mass kernels in step with the contract.
@@ -44,3 +45,16 @@ def masked_softmax_step(s, allowed, kkind, m_i, l_i, vis_i, WANT_MASS: tl.conste
     if WANT_MASS:
         vis_i = vis_i * alpha + tl.sum(tl.where((kkind == 2)[None, :], p, 0.0), 1)
     return p, alpha, m_new, l_i, vis_i
+
+
+@triton.jit
+def lse_merge_step(top, lse_s):
+    """One step of merging split results by their log2-sum-exp ``lse_s``.
+
+    Returns (alpha, w, new_top): rescale what was accumulated so far by alpha and add
+    this split with weight w. Splits with nothing allowed carry -inf and weigh 0.
+    """
+    new_top = tl.maximum(top, lse_s)
+    # all -inf so far: shift by 0 so the weights are exp2(-inf) = 0, not NaN
+    safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+    return tl.exp2(top - safe), tl.exp2(lse_s - safe), new_top

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..schedule import POLICY_CODES
 from .aot import AotSpec
-from .triton_masks import masked_softmax_step, policy_allowed
+from .triton_masks import lse_merge_step, masked_softmax_step, policy_allowed
 from .triton_common import (BLOCK_DS, DTYPES, LOG2E, ROW_BLOCKS, aot_spec, block_d_for, check_supported,
                             checked_counter, f32_dot, kernel_signature, row_blocks, split_block_n, split_count)
 
@@ -167,15 +167,11 @@ def _mass_merge_kernel(
     base = bh * num_splits * rows + r
     for s in range(0, num_splits):
         lse_s = tl.load(LSE_PART + base + s * rows, mask=row_ok, other=float("-inf"))
-        new_top = tl.maximum(top, lse_s)
-        # Splits with nothing allowed carry -inf; shift by 0 so they weigh 0, not NaN.
-        safe = tl.where(new_top == float("-inf"), 0.0, new_top)
-        alpha = tl.exp2(top - safe)
-        w = tl.exp2(lse_s - safe)
+        alpha, w, new_top = lse_merge_step(top, lse_s)
         vis = vis * alpha + w * tl.load(VIS_PART + base + s * rows, mask=row_ok, other=0.0)
         w_sum = w_sum * alpha + w
         top = new_top
-    mass = vis / tl.where(w_sum > 0.0, w_sum, 1.0)
+    mass = vis / tl.where(w_sum != 0.0, w_sum, 1.0)  # same empty-row rule as the split kernel
     tl.store(MASS + ((b * n_kv_heads * group + head) * n_sel + r // group), mass, mask=row_ok)
 
 
