@@ -45,6 +45,23 @@ def sdpa(q, k, v, mask=None):
     return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def sdpa_flash(q, k, v):
+    """Causal SDPA pinned to its flash backend (the dense peer when flash-attn is absent);
+    raises, and is recorded as skipped, where that backend cannot run these inputs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if q.shape[2] != k.shape[2]:
+        raise ValueError("the sdpa flash baseline is causal prefill: it needs Nq == Nk")
+    gqa = q.shape[1] != k.shape[1]
+
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    run()  # fails here, before timing, when the flash backend does not take these inputs
+    return run
+
+
 def eager(q, k, v, mask):
     """matmul -> softmax -> matmul with an additive mask, the way HF's eager attention
     (and the papers' analysis code, which needs the probabilities) runs."""

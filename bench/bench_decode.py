@@ -10,7 +10,7 @@ import vskip_kernels as vk
 
 from . import baselines, cases
 from .bench_attention import OURS_TORCH, OURS_TRITON, block_sizes, triton_usable
-from .common import fill_speedups, find, measure
+from .common import checkpoint, fill_speedups, find, measure
 
 
 def run_case(label, hq, hkv, d, n, args, device, dtype):
@@ -56,6 +56,7 @@ def run(args, device, dtype):
             shape, case = run_case(label, hq, hkv, d, n, args, device, dtype)
             shapes.append(shape.describe())
             out.append(case)
+            checkpoint(args, shapes, out, [])
     checks = []
     notes = ["query = the newest (text) token; it attends to every cached position, so policy is dense",
              "gbps counts K and V bytes read once; speedup_vs compares backends of the same case"]

@@ -275,15 +275,35 @@ def timestamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
+def result_path(out_dir: str, suite: str, env: dict, created_utc: str) -> str:
+    """``<out_dir>/<suite>-<device-slug>-<timestamp>.json``, with a numeric suffix when taken."""
+    base = f"{suite}-{device_slug(env)}-{created_utc}"
+    path = os.path.join(out_dir, base + ".json")
+    n = 1
+    while os.path.exists(path):  # two suites finishing within one second must not overwrite each other
+        path = os.path.join(out_dir, f"{base}-{n}.json")
+        n += 1
+    return path
+
+
 def write_results(out_dir: str, suite: str, env: dict, shapes: list, cases: list, *, smoke: bool,
-                  checks: list | None = None, settings: dict | None = None, notes: list | None = None) -> str:
-    """Write ``<out_dir>/<suite>-<device-slug>-<timestamp>.json`` and return its path."""
+                  checks: list | None = None, settings: dict | None = None, notes: list | None = None,
+                  path: str | None = None, created_utc: str | None = None, complete: bool = True) -> str:
+    """Write the suite's result document and return its path.
+
+    Without ``path``: a new ``<out_dir>/<suite>-<device-slug>-<timestamp>.json``. With it (and
+    the ``created_utc`` it was named after) the same file is rewritten: the runner saves each
+    suite after every shape with ``complete=False``, so a run stopped by a time limit keeps
+    what it measured. The file is replaced atomically, never left half written.
+    """
     os.makedirs(out_dir, exist_ok=True)
+    created_utc = created_utc or timestamp()
     doc = {
         "format": "vskip-bench/1",
         "suite": suite,
         "smoke": bool(smoke),
-        "created_utc": timestamp(),
+        "complete": bool(complete),
+        "created_utc": created_utc,
         "env": env,
         "settings": settings or {},
         "shapes": shapes,
@@ -291,15 +311,12 @@ def write_results(out_dir: str, suite: str, env: dict, shapes: list, cases: list
         "checks": checks or [],
         "notes": notes or [],
     }
-    base = f"{suite}-{device_slug(env)}-{doc['created_utc']}"
-    path = os.path.join(out_dir, base + ".json")
-    n = 1
-    while os.path.exists(path):  # two suites finishing within one second must not overwrite each other
-        path = os.path.join(out_dir, f"{base}-{n}.json")
-        n += 1
-    with open(path, "w") as f:
+    path = path or result_path(out_dir, suite, env, created_utc)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(doc, f, indent=1, default=_json_default)
         f.write("\n")
+    os.replace(tmp, path)
     return path
 
 
@@ -323,8 +340,19 @@ def run_shapes(shapes: list, args, device: torch.device, dtype: torch.dtype, run
     if args.shapes:
         shapes = [s for s in shapes if s.name in args.shapes]
     all_cases, checks = [], []
+    done = []
     for shape in shapes:
         sc = run_shape(shape, args, device, dtype)
         all_cases.extend(sc)
         checks.extend(shape_checks(shape, sc))
+        done.append(shape.describe())
+        checkpoint(args, done, all_cases, checks)
     return [s.describe() for s in shapes], all_cases, checks
+
+
+def checkpoint(args, shapes: list, cases: list, checks: list) -> None:
+    """Save a suite's results so far (``args.checkpoint``, set by the runner; absent when a
+    suite is called directly)."""
+    save = getattr(args, "checkpoint", None)
+    if save is not None:
+        save(shapes, cases, checks)

@@ -2,8 +2,9 @@
 
     python bench/make_table.py [--results bench/results] [--readme README.md] [--plots-dir DIR]
 
-Only GPU results count: smoke runs (in ``<results>/smoke``, or flagged ``smoke``) and
-CPU runs are ignored. For each suite and GPU the newest file is used. The README
+Only GPU results count: smoke runs (in ``<results>/smoke``, or flagged ``smoke``), CPU
+runs and files with no case yet are ignored; a run stopped by a time limit (``complete``
+false) is shown with what it measured, and says so. For each suite and GPU the newest file is used. The README
 text between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is replaced; nothing
 else in the file changes. Plots need matplotlib and are skipped (with a message)
 without it.
@@ -29,7 +30,7 @@ OURS = ("ours-triton", "ours-torch")
 def is_gpu_result(doc: dict) -> bool:
     env = doc.get("env") or {}
     return (doc.get("format") == "vskip-bench/1" and not doc.get("smoke", False)
-            and env.get("device") == "cuda" and bool(env.get("gpu")))
+            and env.get("device") == "cuda" and bool(env.get("gpu")) and bool(doc.get("cases")))
 
 
 def load_results(results_dir: str) -> list[dict]:
@@ -118,7 +119,8 @@ def header_line(doc: dict) -> str:
     return (f"{env['gpu']} ({env.get('gpu_capability') or '?'}), driver {env.get('driver_version') or '?'}, "
             f"CUDA {env.get('cuda') or '?'}, torch {env.get('torch')}, triton {env.get('triton')}, "
             f"transformers {env.get('transformers')}, commit {commit}, run {doc.get('created_utc', '?')} "
-            f"(`{os.path.basename(doc.get('_path', ''))}`)")
+            f"(`{os.path.basename(doc.get('_path', ''))}`)"
+            + ("; partial: the run stopped before every case was measured" if doc.get("complete") is False else ""))
 
 
 def _baselines(cases):

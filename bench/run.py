@@ -65,14 +65,29 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_new_tokens < 2 and "model" in suites:
         raise SystemExit("--max-new-tokens must be >= 2 (decode time is measured after the first token)")
+    if args.shapes:
+        known = shape_names(args.smoke, suites)
+        unknown = [s for s in args.shapes if s not in known]
+        if unknown:
+            parser.error(f"unknown --shapes {unknown} for {'smoke ' if args.smoke else ''}suites "
+                         f"{', '.join(suites)}; choose from {', '.join(known) or '(none: these suites take no shapes)'}")
     return args
+
+
+def shape_names(smoke: bool, suites) -> list[str]:
+    """Names --shapes accepts for these suites (attention and visual_mass have named shapes)."""
+    from . import cases
+
+    table = {"attention": cases.SMOKE_ATTENTION_SHAPES if smoke else cases.ATTENTION_SHAPES,
+             "visual_mass": cases.SMOKE_MASS_SHAPES if smoke else cases.MASS_SHAPES}
+    return [s.name for suite in suites for s in table.get(suite, ())]
 
 
 def main(argv=None) -> list[str]:
     """Run the chosen suites; returns the paths of the JSON files written."""
     import torch
 
-    from .common import environment, write_results
+    from .common import environment, result_path, timestamp, write_results
 
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -88,10 +103,19 @@ def main(argv=None) -> list[str]:
     paths = []
     for suite in args.suites:
         mod = importlib.import_module(f".bench_{suite}", __package__ or "bench")
-        print(f"[bench] {suite} on {env['gpu'] or device.type} ...", file=sys.stderr, flush=True)
+        created = timestamp()
+        os.makedirs(out_dir, exist_ok=True)
+        path = result_path(out_dir, suite, env, created)
+        common = dict(smoke=args.smoke, settings=settings, path=path, created_utc=created)
+
+        def save_partial(shapes, cases, checks, suite=suite, common=common):
+            write_results(out_dir, suite, env, shapes, cases, checks=checks, complete=False,
+                          notes=["partial: the run was still going when this was saved"], **common)
+
+        args.checkpoint = save_partial
+        print(f"[bench] {suite} on {env['gpu'] or device.type} -> {path}", file=sys.stderr, flush=True)
         shapes, cases, checks, notes = mod.run(args, device, dtype)
-        path = write_results(out_dir, suite, env, shapes, cases, smoke=args.smoke, checks=checks,
-                             settings=settings, notes=notes)
+        write_results(out_dir, suite, env, shapes, cases, checks=checks, notes=notes, **common)
         print(f"[bench] wrote {path}", file=sys.stderr, flush=True)
         paths.append(path)
     return paths

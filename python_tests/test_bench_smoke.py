@@ -101,7 +101,10 @@ def test_model_suite_content(smoke_run):
     dense = next(r for r in case["results"] if r["backend"] == "dense (sdpa)")
     assert dense["avg_output_len"] == 4 and dense["decode_mode"].startswith("eager")
     covered = {r["backend"] for r in case["results"]} | {s["backend"] for s in case["skipped"]}
-    assert len(covered) == 7  # every method is either measured or skipped with a reason
+    assert len(covered) == 8  # every method is either measured or skipped with a reason
+    combined = next(r for r in case["results"] if r["method"]["kind"] == "shortv+vskip")
+    assert not set(combined["plan"]["frozen"]) & set(combined["plan"]["vskip"])
+    assert sorted(combined["plan"]["frozen"] + combined["plan"]["vskip"]) == list(range(4))
     for r in case["results"]:
         assert r["ttft_ms"] == r["ms_median"]
         assert r["throughput_tok_s"] == pytest.approx(r["avg_output_len"] / (r["total_ms"] * 1e-3))
@@ -215,3 +218,53 @@ def test_make_table_needs_markers(tmp_path):
     readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match="bench:start"):
         make_table.main(["--results", str(tmp_path), "--readme", str(readme), "--no-plots"])
+
+
+def test_partial_results_are_saved_and_shown_as_partial(tmp_path):
+    """A suite stopped by a time limit keeps the shapes it finished: the runner rewrites its
+    file after every shape; make_table shows such a file and says it is partial, and ignores
+    one with no case yet."""
+    results = tmp_path / "results"
+    env = _synthetic_gpu_env()
+    path = str(results / "attention-x.json")
+    r = {"backend": "ours-triton", "ms_median": 2.0, "ms_p20": 1.9, "ms_p80": 2.1, "tflops": 1.0,
+         "peak_mem_bytes": 1, "speedup_vs": {}}
+    case = {"case": "s/dense", "shape": "s", "policy": "dense", "live_tile_fraction": 1.0, "results": [r],
+            "skipped": []}
+    write_results(str(results), "attention", env, [], [], smoke=False, path=path, created_utc="20260101T000000Z",
+                  complete=False)
+    assert make_table.load_results(str(results)) == []
+    write_results(str(results), "attention", env, [{"name": "s", "seq_len": 10}], [case], smoke=False, path=path,
+                  created_utc="20260101T000000Z", complete=False)
+    assert os.listdir(results) == ["attention-x.json"]  # rewritten in place, no temporary left
+    (doc,) = make_table.load_results(str(results))
+    assert doc["complete"] is False
+    assert "partial" in make_table.render([doc])
+
+
+def test_runner_checkpoints_every_shape(tmp_path, monkeypatch):
+    """run.main saves each suite after every shape: a run killed mid-suite leaves a file."""
+    from bench import bench_attention
+
+    seen = []
+    real = bench_attention.run_shape
+
+    def spy(shape, args, device, dtype):
+        files = list((tmp_path / "smoke").glob("attention-*.json"))
+        seen.append([json.load(open(f))["complete"] for f in files])
+        return real(shape, args, device, dtype)
+
+    monkeypatch.setattr(bench_attention, "run_shape", spy)
+    monkeypatch.setattr(bench_attention.cases, "SMOKE_ATTENTION_SHAPES", bench_attention.cases.SMOKE_ATTENTION_SHAPES * 2)
+    (path,) = run.main(["attention", "--smoke", "--out", str(tmp_path), "--repeats", "1", "--warmup", "0"])
+    assert seen == [[], [False]]  # before the second shape, the first one is on disk, marked partial
+    doc = json.load(open(path))
+    assert doc["complete"] is True and len(doc["cases"]) == 6
+
+
+def test_unknown_shape_names_are_rejected():
+    with pytest.raises(SystemExit):
+        run.parse_args(["attention", "--shapes", "no-such-shape"])
+    with pytest.raises(SystemExit):  # real shape names mean nothing to a smoke run
+        run.parse_args(["attention", "--smoke", "--shapes", "llava15-7b"])
+    assert run.parse_args(["attention", "visual_mass", "--shapes", "llava15-7b", "mass-n3000"]).shapes
