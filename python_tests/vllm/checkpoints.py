@@ -73,7 +73,7 @@ def build_llava(path: str, seed: int = 0, layers: int = LAYERS) -> str:
 
 def build_qwen2_vl(path: str, seed: int = 0, layers: int = LAYERS) -> str:
     """Qwen2-VL (M-RoPE); a 8x8 image -> 4x4 patches -> 4 image tokens."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     model = hm.tiny_qwen2_vl(seed=seed, layers=layers, head_dim=HEAD_DIM)
     model.config.text_config.max_position_embeddings = 2048
@@ -81,7 +81,8 @@ def build_qwen2_vl(path: str, seed: int = 0, layers: int = LAYERS) -> str:
     tok = _tokenizer({"<image>": "<|image_pad|>", "<video>": "<|video_pad|>", "<vs>": "<|vision_start|>",
                       "<ve>": "<|vision_end|>"})
     ip = Qwen2VLImageProcessor(patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 4)
-    Qwen2VLProcessor(image_processor=ip, tokenizer=tok).save_pretrained(path)
+    vp = Qwen2VLVideoProcessor(patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 4)
+    Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp).save_pretrained(path)
     return path
 
 
