@@ -14,6 +14,8 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped when none is present)")
     config.addinivalue_line("markers", "slow: long-running test")
+    config.addinivalue_line("markers", "hf: Hugging Face integration; CI also runs these under the oldest "
+                                       "supported transformers")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,6 +10,8 @@ from vskip_kernels.calibrate import METHODS, calibrate, diagnostics
 from vskip_kernels.calibrate._common import resolve_budget
 from vskip_kernels.hf import apply_skip_plan
 
+pytestmark = pytest.mark.hf
+
 LAYERS = 4
 # All fp32 on both sides: the tolerance is fp32 rounding of the same math done in another order.
 ATOL = 1e-5
@@ -26,16 +28,20 @@ def batch(llava):
 
 
 def _hidden_states(model, batch):
-    """x_0..x_L from output_hidden_states, the last one taken before the final norm."""
-    cfg = model.config.text_config
-    old = getattr(cfg, "tie_last_hidden_states", None)
-    cfg.tie_last_hidden_states = False
+    """x_0..x_L: the inputs of the L decoder layers from output_hidden_states, and x_L, the
+    last layer's output, as it enters the final norm (releases differ in whether
+    hidden_states[-1] is taken before or after that norm)."""
+    from vskip_kernels.hf import language_model
+
+    seen = []
+    hook = language_model(model).norm.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     try:
         with torch.no_grad():
             out = model(**batch, output_hidden_states=True, use_cache=False)
     finally:
-        cfg.tie_last_hidden_states = old
-    return [h.double() for h in out.hidden_states]
+        hook.remove()
+    layers = len(out.hidden_states) - 1
+    return [h.double() for h in out.hidden_states[:layers]] + [seen[-1].double()]
 
 
 def _is_visual(batch):

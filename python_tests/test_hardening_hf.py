@@ -7,7 +7,10 @@ import torch
 import hf_models as H
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan, decoder_layers, language_model
+from vskip_kernels.hf.compat import cache_kwargs, output_cache
 from vskip_kernels.plan import PlanError
+
+pytestmark = pytest.mark.hf
 
 PLAN = dict(num_layers=3, vskip_layers=[0], frozen_layers=[1], decode_bypass_layers=[2])
 
@@ -112,8 +115,8 @@ def test_return_sequences_on_mrope_model_and_greedy_refusal():
 
 def _step(model, ids, am, cache):
     with torch.no_grad():
-        o = model(input_ids=ids, attention_mask=am, past_key_values=cache, use_cache=True)
-    return o.logits[:, -1].argmax(-1, keepdim=True), o.past_key_values
+        o = model(input_ids=ids, attention_mask=am, **cache_kwargs(cache), use_cache=True)
+    return o.logits[:, -1].argmax(-1, keepdim=True), output_cache(o)
 
 
 def test_two_models_decoded_in_turn_keep_separate_masks():
@@ -129,8 +132,8 @@ def test_two_models_decoded_in_turn_keep_separate_masks():
             for m, i in ((a, ia), (b, ib))]
     with torch.no_grad():
         oa, ob = a(**ia, use_cache=True), b(**ib, use_cache=True)
-    run = {"a": [a, oa.logits[:, -1].argmax(-1, keepdim=True), ia["attention_mask"], oa.past_key_values, []],
-           "b": [b, ob.logits[:, -1].argmax(-1, keepdim=True), ib["attention_mask"], ob.past_key_values, []]}
+    run = {"a": [a, oa.logits[:, -1].argmax(-1, keepdim=True), ia["attention_mask"], output_cache(oa), []],
+           "b": [b, ob.logits[:, -1].argmax(-1, keepdim=True), ib["attention_mask"], output_cache(ob), []]}
     for _ in range(steps):
         for name in ("a", "b"):
             model, tok, am, cache, toks = run[name]

@@ -7,6 +7,9 @@ from transformers import DynamicCache
 import hf_models as H
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan, decoder_layers, language_model
+from vskip_kernels.hf.compat import cache_kwargs, output_cache
+
+pytestmark = pytest.mark.hf
 
 PLAN = dict(num_layers=3, vskip_layers=[0], frozen_layers=[1], decode_bypass_layers=[2])
 STEPS = 4
@@ -38,7 +41,7 @@ def reference_decode(ref, inputs, bypass, steps=STEPS):
     am = inputs["attention_mask"]
     pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
     with torch.no_grad():
-        out = ref(**inputs, past_key_values=cache, use_cache=True, position_ids=pos)
+        out = ref(**inputs, **cache_kwargs(cache), use_cache=True, position_ids=pos)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         toks = [tok]
         for _ in range(steps - 1):
@@ -53,7 +56,7 @@ def reference_decode(ref, inputs, bypass, steps=STEPS):
                 n_keys = cache.layers[i].keys.shape[2] + 1
                 mask = torch.zeros(am.shape[0], 1, 1, n_keys).masked_fill(
                     ~am[:, -n_keys:].bool()[:, None, None], torch.finfo(torch.float32).min)
-                h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=p, past_key_values=cache,
+                h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=p, **cache_kwargs(cache),
                           use_cache=True)
             tok = ref.lm_head(lm.norm(h))[:, -1].argmax(-1, keepdim=True)
             toks.append(tok)
@@ -102,7 +105,7 @@ def test_beams_and_return_sequences_expand_the_mask():
     with torch.no_grad():
         o = model(**inputs, use_cache=True)
     before = handle._state.history.clone()
-    o.past_key_values.reorder_cache(torch.tensor([1, 0]))
+    output_cache(o).reorder_cache(torch.tensor([1, 0]))
     assert torch.equal(handle._state.history, before.flip(0))
 
 
@@ -113,11 +116,11 @@ def test_expanded_cache_batch_follows():
     inputs = H.make_inputs(model, batch=1)
     with torch.no_grad():
         o = model(**inputs, use_cache=True)
-        cache = o.past_key_values
+        cache = output_cache(o)
         cache.batch_repeat_interleave(3)
         nxt = o.logits[:, -1:].argmax(-1).repeat(3, 1)
         am = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1).repeat(3, 1)
-        step = model(input_ids=nxt, attention_mask=am, past_key_values=cache, use_cache=True)
+        step = model(input_ids=nxt, attention_mask=am, **cache_kwargs(cache), use_cache=True)
     assert handle._state.history.shape == (3, am.shape[1])
     assert torch.equal(step.logits[0], step.logits[2])
 
@@ -133,7 +136,7 @@ def test_chunked_prefill_matches_single_prefill():
     with torch.no_grad():
         whole = model(input_ids=full, attention_mask=torch.ones_like(full), pixel_values=inputs["pixel_values"]).logits
         first = model(**inputs, use_cache=True)
-        second = model(input_ids=extra, attention_mask=torch.ones_like(full), past_key_values=first.past_key_values,
+        second = model(input_ids=extra, attention_mask=torch.ones_like(full), **cache_kwargs(output_cache(first)),
                        use_cache=True)
     torch.testing.assert_close(second.logits, whole[:, n:], rtol=0, atol=2e-5)
 

@@ -7,7 +7,10 @@ import hf_models as H
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import (apply_skip_plan, decoder_layers, language_model, num_decoder_layers,
                               visual_token_ids)
+from vskip_kernels.hf.compat import cache_kwargs, output_cache
 from vskip_kernels.plan import PlanError
+
+pytestmark = pytest.mark.hf
 
 FAMS = H.VLM_FAMILIES
 ALL = tuple(H.FACTORIES)
@@ -231,7 +234,7 @@ def test_two_patched_models_keep_separate_state():
         assert hb._state.history.shape == ib["input_ids"].shape
         nxt = out_a.logits[:, -1].argmax(-1, keepdim=True)
         am = torch.cat([ia["attention_mask"], torch.ones_like(nxt)], 1)
-        step = a(input_ids=nxt, attention_mask=am, past_key_values=out_a.past_key_values, use_cache=True)
+        step = a(input_ids=nxt, attention_mask=am, **cache_kwargs(output_cache(out_a)), use_cache=True)
     assert nxt.item() == solo_a[0, ia["input_ids"].shape[1]].item()
     assert step.logits[:, -1].argmax(-1).item() == solo_a[0, ia["input_ids"].shape[1] + 1].item()
     assert torch.equal(b.generate(**ib, max_new_tokens=3, do_sample=False), solo_b)

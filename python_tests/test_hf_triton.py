@@ -8,8 +8,9 @@ from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan
 from vskip_kernels.ops import dispatch
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or dispatch.interpreter_on()),
-                                reason="triton backend needs CUDA or TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.hf,
+              pytest.mark.skipif(not (torch.cuda.is_available() or dispatch.interpreter_on()),
+                                 reason="triton backend needs CUDA or TRITON_INTERPRET=1")]
 
 PLAN = dict(num_layers=3, vskip_layers=[0], frozen_layers=[1], decode_bypass_layers=[2])
 

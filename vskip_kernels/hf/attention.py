@@ -12,14 +12,9 @@ import torch
 
 from ..ops.attention import modality_attention
 from ..ops.visual_mass import visual_attention_mass
+from . import compat
 
 ATTN_NAME = "vskip"
-
-# Keyword arguments transformers' attention modules pass that carry no meaning for us
-# (position ids are for flash-attention's varlen path; the cache is already applied).
-_IGNORED = {"position_ids", "is_causal", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
-            "output_attentions", "use_cache", "past_key_values", "past_key_value", "cache_position",
-            "position_embeddings"}
 
 
 def _check_unsupported(dropout, sliding_window, softcap, kwargs) -> None:
@@ -59,9 +54,7 @@ def vskip_attention_forward(module, query, key, value, attention_mask, scaling=N
 def vskip_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
                **kwargs):
     """transformers mask-interface entry: the 2-D boolean padding mask over the kv_length keys, or None."""
-    from transformers.masking_utils import causal_mask_function, prepare_padding_mask
-
-    if mask_function is not None and mask_function is not causal_mask_function:
+    if not compat.is_plain_causal(mask_function):
         raise ValueError(
             "vskip attention supports plain causal masks only; this model asked for a custom mask pattern "
             f"({getattr(mask_function, '__name__', mask_function)}: sliding window, chunked, packed sequences "
@@ -69,14 +62,9 @@ def vskip_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
         )
     if attention_mask is None:
         return None
-    mask = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    return mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+    return compat.padding_mask_2d(attention_mask, kv_length, kv_offset)
 
 
 def register() -> None:
     """Idempotent: make ``"vskip"`` a valid attention implementation with its mask function."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ATTN_NAME, vskip_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, vskip_mask)
+    compat.register_attention(ATTN_NAME, vskip_attention_forward, vskip_mask)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import types
 
+from . import compat
+
 _ATTR = "_vskip_cache_patch"
 
 
@@ -21,15 +23,16 @@ def _redirect(state, idx):
 
 
 def attach(cache, state) -> None:
-    if cache is None or not hasattr(cache, "layers") or not hasattr(cache, "get_seq_length"):
+    if not compat.is_cache(cache):
         return
     if getattr(cache, _ATTR, None) is state:
         return
     prev = getattr(cache, _ATTR, None)
     if prev is not None:
         # The cache moved to another patched model: start from the class methods again.
-        for name in ("get_seq_length", "get_mask_sizes", "get_query_offset", "reorder_cache"):
+        for name in compat.MASK_SIZING_METHODS:
             cache.__dict__.pop(name, None)
+    compat.check_cache_methods(cache)
     cls = type(cache)
 
     def get_seq_length(self, layer_idx: int = 0):

@@ -12,6 +12,7 @@ import torch
 
 from ..ops.visual_mass import visual_attention_mass
 from ..ops import modality_attention
+from .compat import get_cache, is_decode_step
 
 _FROZEN_NEEDS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
 _ATTN_NEEDS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
@@ -26,15 +27,6 @@ def check_frozen_capable(layer, idx: int) -> None:
             f"frozen_layers needs a Llama-style pre-norm decoder layer; layer {idx} ({type(layer).__name__}) "
             f"lacks {missing}"
         )
-
-
-def raw_cache_length(cache, layer: int) -> int:
-    """Length of one layer's cache, read from the layer itself (not through Cache methods we patch)."""
-    layers = getattr(cache, "layers", None)
-    if layers is None or layer >= len(layers):
-        return 0
-    n = layers[layer].get_seq_length()
-    return int(n)
 
 
 def _rotate_half(x):
@@ -67,8 +59,7 @@ class LayerPatch:
         if not st.active:
             return self.orig(hidden_states, *args, **kwargs)
         kw = self._bind(args, kwargs)
-        cache = kw.get("past_key_values")
-        decode = hidden_states.shape[1] == 1 and cache is not None and raw_cache_length(cache, self.idx) > 0
+        decode = is_decode_step(hidden_states, get_cache(kw), self.idx)
         if decode and st.bypassed(self.idx):
             return hidden_states
         if st.policy(self.idx) == "frozen" and not decode:
@@ -115,7 +106,7 @@ class LayerPatch:
         stn = sin.reshape(b * n, d).index_select(0, rows)[:, None]
         qt = qt * ct + _rotate_half(qt) * stn
 
-        cache = kw.get("past_key_values")
+        cache = get_cache(kw)
         if cache is not None:
             k, v = cache.update(k, v, attn.layer_idx)
         # Visual query rows stay zero: the frozen policy gives them no attention row at all.

@@ -9,7 +9,8 @@ from .._validate import BACKENDS
 from ..plan import PlanError, SkipPlan
 from . import cache as cache_patch
 from .attention import ATTN_NAME, register
-from .layers import LayerPatch, check_frozen_capable, raw_cache_length
+from . import compat
+from .layers import LayerPatch, check_frozen_capable
 from .models import language_model, visual_token_ids
 from .state import SkipState, VisualMassRecorder
 
@@ -121,9 +122,9 @@ def _call_visual(state: SkipState, args, kwargs) -> None:
     if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
         input_ids = args[0]
     embeds = kwargs.get("inputs_embeds")
-    cache = kwargs.get("past_key_values")
+    cache = compat.get_cache(kwargs)
     cache_patch.attach(cache, state)
-    past = raw_cache_length(cache, state.reference_layer()) if cache is not None else 0
+    past = compat.cache_layer_length(cache, state.reference_layer())
     src = input_ids if input_ids is not None else embeds
     if src is None:
         raise ValueError("the patched model needs input_ids or inputs_embeds")
@@ -142,9 +143,14 @@ def _call_visual(state: SkipState, args, kwargs) -> None:
                 f"visual; wrap the call in `handle.visual_context(is_visual)` with is_visual [B, N] = [{b}, {n}]"
                 + (f" (or [{b}, {past + n}] covering the cache)" if past else "")
             )
-        ids = torch.tensor(state.visual_ids, device=input_ids.device, dtype=input_ids.dtype)
-        new = torch.isin(input_ids, ids) if state.visual_ids else torch.zeros(b, n, dtype=torch.bool,
-                                                                               device=input_ids.device)
+        # A token fed back on a decode step is text even when the model emitted a placeholder id:
+        # without pixel inputs the model gives it the id's text embedding, not visual features.
+        generated = past > 0 and n == 1 and not compat.has_visual_inputs(kwargs)
+        if state.visual_ids and not generated:
+            ids = torch.tensor(state.visual_ids, device=input_ids.device, dtype=input_ids.dtype)
+            new = torch.isin(input_ids, ids)
+        else:
+            new = torch.zeros(b, n, dtype=torch.bool, device=input_ids.device)
     if full is None:
         if past == 0:
             full = new
@@ -177,6 +183,7 @@ def apply_skip_plan(model: torch.nn.Module, plan: SkipPlan, *, backend: str = "a
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    compat.warn_if_untested()
     lm = language_model(model)
     for m in (model, lm):
         if m.__dict__.get(_HANDLE_ATTR) is not None:
@@ -219,7 +226,7 @@ def apply_skip_plan(model: torch.nn.Module, plan: SkipPlan, *, backend: str = "a
                 state.history = None
             elif state.active:
                 # A cache the model created itself is first seen here.
-                cache_patch.attach(getattr(output, "past_key_values", None), state)
+                cache_patch.attach(compat.output_cache(output), state)
 
         handle._hooks.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handle._hooks.append(model.register_forward_hook(post_hook, with_kwargs=True, always_call=True))

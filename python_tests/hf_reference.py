@@ -1,0 +1,109 @@
+"""An independent reference for a SkipPlan inside a transformers model.
+
+It shares no code with ``vskip_kernels.hf``: the model runs its own eager attention, and
+forward hooks impose the plan's semantics on it —
+
+* vskip layers: the eager 4-D mask gets the policy AND-ed in (a visual query sees earlier
+  text keys and itself, never other visual keys);
+* frozen layers: after the layer ran densely, each visual position's output is replaced by
+  its input (the token leaves the layer unchanged; its K/V were still computed);
+* decode-bypassed layers: on a decode step (one new position on top of earlier ones) the
+  layer's output is replaced by its input.
+
+Which positions are visual comes from the first call's ``input_ids`` (the family's image
+and video ids); every later position is a generated, hence text, token. The cache is never
+looked at: the number of earlier positions is ``attention_mask.shape[1] - input_ids.shape[1]``,
+as generate() keeps the 2-D mask growing with the sequence (without a mask, the calls made
+inside one ``plan_hooks`` context are taken as one sequence).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def _visual_ids(model) -> list[int]:
+    cfg = model.config
+    return [v for v in (getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None))
+            if isinstance(v, int)]
+
+
+def _lm(model):
+    for path in (("model", "language_model"), ("language_model",), ("model",)):
+        m = model
+        for name in path:
+            m = getattr(m, name, None)
+        if m is not None and hasattr(m, "layers"):
+            return m
+    raise TypeError(type(model).__name__)
+
+
+@contextlib.contextmanager
+def plan_hooks(model, vskip=(), frozen=(), bypass=()):
+    """Run ``model`` (eager attention) under the plan's semantics while the context is open."""
+    model.set_attn_implementation("eager")
+    layers = _lm(model).layers
+    ids_vis = _visual_ids(model)
+    st = {"prompt_vis": None, "seq_len": 0, "nq": 0, "decode": False}
+    hooks = []
+
+    def top_pre(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        am = kwargs.get("attention_mask")
+        nq = ids.shape[1]
+        # generate() drops an all-ones mask; then the calls of this context form one sequence
+        seq_len = am.shape[1] if am is not None else st["seq_len"] + nq
+        past = seq_len - nq
+        if past == 0:
+            st["prompt_vis"] = torch.isin(ids, torch.tensor(ids_vis)) if ids_vis else torch.zeros_like(ids, dtype=torch.bool)
+        elif st["prompt_vis"].shape[0] != ids.shape[0]:  # beams: rows of one prompt are identical
+            st["prompt_vis"] = st["prompt_vis"].repeat_interleave(ids.shape[0] // st["prompt_vis"].shape[0], 0)
+        st.update(seq_len=seq_len, nq=nq, decode=past > 0 and nq == 1)
+
+    def key_visual(nk):
+        """[B, nk]: visual flag of key positions 0..nk-1 (static-cache slots past the sequence: False)."""
+        pv = st["prompt_vis"]
+        out = torch.zeros(pv.shape[0], nk, dtype=torch.bool)
+        n = min(pv.shape[1], nk)
+        out[:, :n] = pv[:, :n]
+        return out
+
+    def query_visual():
+        return key_visual(st["seq_len"])[:, st["seq_len"] - st["nq"]:]
+
+    def vskip_pre(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        assert mask is not None and mask.dim() == 4, "the eager path should hand attention a 4-D mask"
+        nk = mask.shape[-1]
+        kv, qv = key_visual(nk), query_visual()
+        q_pos = torch.arange(st["seq_len"] - st["nq"], st["seq_len"])
+        self_key = q_pos[:, None] == torch.arange(nk)[None, :]
+        allowed = ~(qv[:, :, None] & kv[:, None, :]) | self_key[None]
+        kwargs["attention_mask"] = mask.masked_fill(~allowed[:, None], torch.finfo(mask.dtype).min)
+        return args, kwargs
+
+    def frozen_post(module, args, kwargs, out):
+        h_in = args[0] if args else kwargs["hidden_states"]
+        h_out = out[0] if isinstance(out, tuple) else out
+        h_out = torch.where(query_visual()[:, :, None], h_in, h_out)
+        return (h_out, *out[1:]) if isinstance(out, tuple) else h_out
+
+    def bypass_post(module, args, kwargs, out):
+        if not st["decode"]:
+            return out
+        h_in = args[0] if args else kwargs["hidden_states"]
+        return (h_in, *out[1:]) if isinstance(out, tuple) else h_in
+
+    try:
+        hooks.append(model.register_forward_pre_hook(top_pre, with_kwargs=True))
+        for i in vskip:
+            hooks.append(layers[i].self_attn.register_forward_pre_hook(vskip_pre, with_kwargs=True))
+        for i in frozen:
+            hooks.append(layers[i].register_forward_hook(frozen_post, with_kwargs=True))
+        for i in bypass:
+            hooks.append(layers[i].register_forward_hook(bypass_post, with_kwargs=True))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
