@@ -268,3 +268,34 @@ def test_unknown_shape_names_are_rejected():
     with pytest.raises(SystemExit):  # real shape names mean nothing to a smoke run
         run.parse_args(["attention", "--smoke", "--shapes", "llava15-7b"])
     assert run.parse_args(["attention", "visual_mass", "--shapes", "llava15-7b", "mass-n3000"]).shapes
+
+
+def test_static_cache_decode_path_gives_eager_tokens():
+    """The model suite's CUDA-graph decode path (static cache, compile_config) runs on CPU
+    too, without the compile (transformers' compile criteria are not met there): with each
+    kind of plan applied it generates the tokens of the ordinary dynamic-cache generate."""
+    import argparse
+
+    from bench import bench_model as bm
+    from bench.model_configs import SMOKE_MODEL_CASES, build_model, input_ids_for, text_config
+    from transformers import StaticCache
+
+    from vskip_kernels.hf import apply_skip_plan
+
+    case = SMOKE_MODEL_CASES[0]
+    dev = torch.device("cpu")
+    model = build_model(case, dev, torch.float32)
+    ids = input_ids_for(model, case, dev)
+    plans = {name: plan for name, plan, _ in bm.method_plans(text_config(model).num_hidden_layers, smoke=True)}
+    for name in ("flashvlm r=0.2", "shortv N=2 + vskip in the other 2 layers"):
+        handle = apply_skip_plan(model, plans[name])
+        try:
+            eager = bm._generate(model, ids, 5)
+            cache = StaticCache(config=model.config, max_cache_len=int(ids.shape[1]) + 5)
+            assert torch.equal(bm._generate(model, ids, 5, cache), eager), name
+            assert torch.equal(bm._generate(model, ids, 5, cache), eager), name  # the cache is reset and reused
+            fields, mode, fallback = bm.time_method(model, ids, argparse.Namespace(max_new_tokens=5, model_repeats=1),
+                                                    dev, graphs=True)
+            assert fallback is None and mode.startswith("static cache") and fields["avg_output_len"] == 5
+        finally:
+            handle.remove()
