@@ -48,6 +48,8 @@ class ModelState:
         self.step: StepInfo | None = None
         self._slot_kinds: dict[int, torch.Tensor] = {}  # data_ptr of the kv cache tensor -> kinds per slot
         self._visual_ids_t: torch.Tensor | None = None
+        # steps seen, by kind (tests and logs read these): prefill-only, mixed, pure decode
+        self.step_counts = {"prefill": 0, "mixed": 0, "decode": 0}
 
     # -- slot kinds ----------------------------------------------------------------------
     def slot_kinds_for(self, kv_cache: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -84,6 +86,8 @@ class ModelState:
         n_dec = int(decode_rows.sum())
         self.step = StepInfo(num_tokens, kinds, visual, decode, bool(visual.any()), n_dec > 0,
                              num_tokens > 0 and n_dec == num_tokens)
+        kind = "decode" if self.step.all_decode else ("mixed" if n_dec else "prefill")
+        self.step_counts[kind] += 1
         return self.step
 
     def end_step(self) -> None:
