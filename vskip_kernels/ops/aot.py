@@ -61,9 +61,9 @@ def _jit_function(fn):
 
 
 def all_specs() -> list[AotSpec]:
-    from . import triton_attention, triton_decode, triton_visual_mass
+    from . import triton_attention, triton_decode, triton_paged, triton_visual_mass
 
     specs = []
-    for mod in (triton_attention, triton_decode, triton_visual_mass):
+    for mod in (triton_attention, triton_decode, triton_visual_mass, triton_paged):
         specs.extend(mod.aot_specs())
     return specs
