@@ -64,6 +64,8 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vskip_kernels", "vskip_kernels.*"]),
+    # the trained tiny VLM that `vskip demo` runs on (weights, config, processor, training record)
+    package_data={"vskip_kernels.tinyvlm": ["weights/*"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",

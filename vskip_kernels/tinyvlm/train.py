@@ -1,0 +1,113 @@
+"""Train the tiny VLM on the synthetic task (CPU is enough) and save it for ``load_pretrained``.
+
+    python -m vskip_kernels.tinyvlm.train --seed 0 --steps 1500 --out vskip_kernels/tinyvlm/weights
+
+Step s trains on training samples [s * batch, (s + 1) * batch): fresh scenes every step,
+so the model cannot memorise them. Same seed, steps and thread count give the same weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from .data import encode_training
+from .evaluate import accuracy, question_prior_accuracy, teacher_forced_correct
+from .model import build_model, build_processor
+from .task import samples
+
+EVAL_SAMPLES = 500  # the first samples of the eval split: what the README and the tests report
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(steps - warmup, 1)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(*, seed: int = 0, steps: int = 1500, batch: int = 64, lr: float = 3e-3, warmup: int = 100,
+          threads: int = 2, out: str | None = None, log_every: int = 50, eval_every: int = 250,
+          arch: dict | None = None, eval_samples: int = EVAL_SAMPLES, command: str | None = None,
+          log=print) -> dict:
+    for name, v in (("steps", steps), ("batch", batch), ("threads", threads), ("warmup", warmup)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    torch.set_num_threads(threads)
+    processor = build_processor()
+    model = build_model(seed=seed, **(arch or {}))
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    t0 = time.time()
+    running = None
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup)
+        enc = encode_training(processor, samples("train", step * batch, batch))
+        loss = model(**enc).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        if (step + 1) % log_every == 0:
+            log(f"step {step + 1}/{steps} loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{time.time() - t0:.0f}s")
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            model.eval()
+            ok = teacher_forced_correct(model, processor, samples("eval", 0, 200))
+            log(f"step {step + 1}: eval accuracy (200, teacher-forced) {ok.float().mean().item():.3f}")
+            model.train()
+    minutes = (time.time() - t0) / 60
+    model.eval()
+    acc = accuracy(model, processor, "eval", 0, eval_samples)
+    prior = question_prior_accuracy(samples("train", 0, steps * batch), samples("eval", 0, eval_samples))
+    record = {
+        "seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "threads": threads,
+        "train_minutes": round(minutes, 1), "eval_samples": eval_samples, "arch": arch or {},
+        "eval_accuracy": acc["accuracy"], "eval_accuracy_per_type": acc["per_type"],
+        "text_only_question_prior_accuracy": prior,
+        "command": command,
+    }
+    log(json.dumps(record, indent=1))
+    if out:
+        os.makedirs(out, exist_ok=True)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        with open(os.path.join(out, "training.json"), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+    return record
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vskip_kernels.tinyvlm.train", description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it slightly)")
+    p.add_argument("--hidden", type=int, default=None, help="text hidden size (default: the shipped architecture)")
+    p.add_argument("--ffn", type=int, default=None, help="text FFN size")
+    p.add_argument("--out", default=None, help="folder to save the model, processor and training.json in")
+    p.add_argument("--eval-every", type=int, default=250)
+    a = p.parse_args(argv)
+    train(seed=a.seed, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, threads=a.threads, out=a.out,
+          eval_every=a.eval_every, arch={k: v for k, v in (("hidden", a.hidden), ("ffn", a.ffn)) if v is not None},
+          command=" ".join(["python -m vskip_kernels.tinyvlm.train"] + list(sys.argv[1:] if argv is None else argv)),
+          log=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
