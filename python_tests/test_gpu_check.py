@@ -123,3 +123,21 @@ def test_smoke_rehearsal_core(tmp_path):
     files = [os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs]
     assert len(files) <= 8 and all(f.count(os.sep) <= 2 for f in files), files
     assert sorted(f for f in files if not f.startswith("results")) == ["gpu_check.log", "summary.json"]
+
+
+def test_stopped_pytest_step_still_reports_its_tests(tmp_path, monkeypatch):
+    """A test step stopped at its cap is interrupted (SIGINT), so pytest still writes the
+    junit report of what ran: a timeout on the GPU does not lose the test results."""
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_x.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                                     "def test_slow():\n    time.sleep(120)\n")
+    out = tmp_path / "out"
+    junit = out / "junit-cuda.xml"
+    step = gpu_check.Step("pytest-cuda", "a", 15, [sys.executable, "-m", "pytest", str(tests / "test_x.py"), "-q",
+                                                  "-p", "no:cacheprovider", f"--junitxml={junit}"], "tests", min_s=1)
+    monkeypatch.setattr(gpu_check, "plan_steps", lambda args: [step])
+    assert gpu_check.main(["--out", str(out), "--budget", "60"]) == 1
+    (s,) = json.load(open(out / "summary.json"))["steps"]
+    assert s["status"] == "timeout"
+    assert s["info"]["passed"] == 1 and s["detail"].startswith("1 passed")
