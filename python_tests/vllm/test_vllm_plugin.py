@@ -82,3 +82,24 @@ def test_plan_given_as_dict_is_applied(llava):
         assert H.plan_state(llm)[1]["prefill"] >= 1
     finally:
         H.close(llm)
+
+
+def test_engine_core_in_its_own_process(llava, tmp_path):
+    """vLLM's default: the engine core (scheduler, prefix cache) and the model run in another
+    process, which loads the plugin itself. Tokens still equal transformers', and blocks holding
+    generated tokens are still kept out of the prefix cache."""
+    import os
+    import subprocess
+    import sys
+
+    plan = H.plan_file(tmp_path, "A", "llava", **H.PLAN_A)
+    out = tmp_path / "mp.json"
+    script = os.path.join(os.path.dirname(os.path.abspath(H.__file__)), "mp_engine.py")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    res = subprocess.run([sys.executable, script, llava, plan, str(out)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    got = json.loads(out.read_text())
+    hf = H.HFReference(llava)
+    assert got["tokens"] == hf.tokens(plan, H.prompts("llava", 6, seed=11), 8)
+    assert got["cached"] == 2 * H.BLOCK

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import sys
 
 from ..plan import PlanError, SkipPlan
 from . import config as vcfg
@@ -284,7 +285,16 @@ def _wrap_get_request_block_hasher(orig):
     @functools.wraps(orig)
     def get_request_block_hasher(hash_block_size, *args, **kwargs):
         hasher = orig(hash_block_size, *args, **kwargs)
-        return _salted_hasher(hasher, hash_block_size) if _SALT_NEXT_ENGINE[0] else hasher
+        salt = _SALT_NEXT_ENGINE[0]
+        if not salt:
+            # An engine-core process loads the plugin inside EngineCore.__init__ itself, after our
+            # __init__ hook could have run: read the plan from the caller's config instead.
+            caller = sys._getframe(1).f_locals
+            cfg = caller.get("vllm_config") or getattr(caller.get("self"), "vllm_config", None)
+            if cfg is not None:
+                plan = plan_of(cfg)
+                salt = plan is not None and bool(plan.decode_bypass_layers)
+        return _salted_hasher(hasher, hash_block_size) if salt else hasher
 
     get_request_block_hasher._vskip_wrapped = True
     return get_request_block_hasher
