@@ -335,10 +335,11 @@ def check(name: str, value: float | None, target: str, passed: bool | None, **de
 
 def run_shapes(shapes: list, args, device: torch.device, dtype: torch.dtype, run_shape, shape_checks):
     """(shape descriptions, cases, checks) of a suite: ``run_shape`` on each of
-    ``shapes`` (only those named by ``args.shapes`` when given), ``shape_checks``
+    ``shapes`` (only those named by ``args.shapes`` when given, in that order), ``shape_checks``
     on each shape's cases."""
-    if args.shapes:
-        shapes = [s for s in shapes if s.name in args.shapes]
+    if args.shapes:  # in the order asked for: a run stopped by a time limit has done the first ones
+        by_name = {s.name: s for s in shapes}
+        shapes = [by_name[n] for n in dict.fromkeys(args.shapes) if n in by_name]
     all_cases, checks = [], []
     done = []
     for shape in shapes:

@@ -241,7 +241,7 @@ def test_visual_mass_every_dtype_and_head_dim(dtype, d, policy):
         ref = visual_mass_ref(q, k, vis, policy=policy, attention_mask=am, query_positions=positions)
         reflp_full = attention_ref(q, k, torch.zeros_like(k[..., :1]).expand(*k.shape[:-1], 1).contiguous(), vis,
                                    policy=policy, attention_mask=am, upcast=False)[1]
-        reflp = reflp_full if positions is None else reflp_full[:, :, torch.tensor(positions, device="cuda")]
+        reflp = reflp_full if positions is None else reflp_full[:, :, torch.tensor(positions, device=q.device)]
         assert got.device == q.device and got.dtype == torch.float32
         assert_rule(f"visual mass {positions}", got, ref, reflp)
 

@@ -47,6 +47,10 @@ def test_benchmark_names_exist():
     # the 32k video shape is in both kernel suites and the model suite
     assert "qwen25vl-7b-video32k" in gpu_check.ATTENTION_SHAPES and "mass-n32768" in gpu_check.MASS_SHAPES
     assert gpu_check.MODELS[:2] == ("llava-next-7b", "qwen2.5-vl-7b-video32k")
+    # the shapes the kernel targets are stated for (N >= 3k, d128) come first: a stopped suite has them
+    first = {s.name: s for s in cases.ATTENTION_SHAPES}[gpu_check.ATTENTION_SHAPES[0]]
+    assert first.seq_len >= 3000 and first.head_dim == 128
+    assert {s.name: s for s in cases.MASS_SHAPES}[gpu_check.MASS_SHAPES[0]].seq_len == 3000
 
 
 def test_only_and_skip_check_names(tmp_path):
