@@ -12,7 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # bench/ is a repository folder, not part of the installed package
 
-from bench import cases, gpu_check, run  # noqa: E402
+from bench import bench_attention, cases, gpu_check, run  # noqa: E402
 from bench.model_configs import MODEL_CASES  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def test_benchmark_names_exist():
     assert gpu_check.MODELS[:2] == ("llava-next-7b", "qwen2.5-vl-7b-video32k")
     # the shapes the kernel targets are stated for (N >= 3k, d128) come first: a stopped suite has them
     first = {s.name: s for s in cases.ATTENTION_SHAPES}[gpu_check.ATTENTION_SHAPES[0]]
-    assert first.seq_len >= 3000 and first.head_dim == 128
+    assert first.seq_len >= bench_attention.TARGET_MIN_SEQ and first.head_dim == bench_attention.TARGET_HEAD_DIM
     assert {s.name: s for s in cases.MASS_SHAPES}[gpu_check.MASS_SHAPES[0]].seq_len == 3000
 
 
