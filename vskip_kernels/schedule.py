@@ -13,6 +13,7 @@ host synchronisation, so it can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,54 @@ class Schedule:
     def matches(self, nq: int, nk: int, policy: str, visual_self: bool) -> bool:
         return (self.nq, self.nk, self.policy) == (nq, nk, policy) and (
             policy != "vskip" or self.visual_self == visual_self
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.kind.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.kind.shape[0]
+
+    def to(self, device) -> "Schedule":
+        """The same schedule with its tensors on ``device`` (a no-op when already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return dataclasses.replace(self, kind=move(self.kind), full_cnt=move(self.full_cnt),
+                                   full_idx=move(self.full_idx), part_cnt=move(self.part_cnt),
+                                   part_idx=move(self.part_idx))
+
+    def live_tile_fraction(self) -> float:
+        """Share of all (sequence, query tile, key tile) pairs the kernels visit (reads the device)."""
+        total = self.batch_size * self.num_m_tiles * self.num_n_tiles
+        return float(self.live_pairs()) / total if total else 0.0
+
+    def __repr__(self) -> str:
+        total = self.batch_size * self.num_m_tiles * self.num_n_tiles
+        full, part = int(self.full_cnt.sum()), int(self.part_cnt.sum())
+        pct = lambda x: 100.0 * x / total if total else 0.0  # noqa: E731
+        vs = f", visual_self={self.visual_self}" if self.policy == "vskip" else ""
+        return (f"Schedule(policy={self.policy!r}{vs}, B={self.batch_size}, nq={self.nq}, nk={self.nk}, "
+                f"block=({self.block_m}, {self.block_n}), tiles={self.num_m_tiles}x{self.num_n_tiles}, "
+                f"live={pct(full + part):.2f}% (full {pct(full):.2f}%, partial {pct(part):.2f}%), "
+                f"device={self.device})")
+
+    def to_block_mask(self):
+        """The equivalent FlexAttention ``BlockMask``: our full tiles are its full blocks, our
+        partial tiles its masked blocks (with ``vskip_kernels.flex``'s mask_mod), BLOCK_SIZE
+        (block_m, block_n). Built from the tile lists, without evaluating the mask."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        from .flex import mask_mod_from_kind
+
+        mod = mask_mod_from_kind(self.kind, self.policy, nq=self.nq, visual_self=self.visual_self)
+        return BlockMask.from_kv_blocks(
+            self.part_cnt[:, None].contiguous(), self.part_idx[:, None].contiguous(),
+            self.full_cnt[:, None].contiguous(), self.full_idx[:, None].contiguous(),
+            BLOCK_SIZE=(self.block_m, self.block_n), mask_mod=mod, seq_lengths=(self.nq, self.nk),
         )
 
 
@@ -151,18 +200,35 @@ def plan_schedule(
     nq: int | None = None,
     policy: str = "vskip",
     visual_self: bool = True,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    like: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> Schedule:
     """Plan the tile schedule for queries that are the last ``nq`` of ``Nk`` positions.
 
+    like: a query tensor [B, Hq, Nq, D] of the calls the schedule is for; the tile shape is
+    then the one ``modality_attention`` uses for that device, dtype and head dim (on sm80 and
+    sm90 that is not the 64x64 default). block_m / block_n override it; without either, 64.
     backend: "native" (the compiled ``vskip::plan_schedule`` op), "torch", or "auto"
     (native when the extension is built, else torch).
     """
     from ._validate import check_mask_inputs
 
     check_mask_inputs(is_visual, attention_mask, policy)
+    if like is not None:
+        if not isinstance(like, torch.Tensor) or like.dim() != 4:
+            raise ValueError(f"like must be a query tensor [B, Hq, Nq, D], got {tuple(getattr(like, 'shape', ()))}")
+        from .ops.attention import default_block_sizes
+        from .ops.dispatch import resolve_backend
+
+        kernel_m, kernel_n = default_block_sizes(like, resolve_backend("auto", like.device))
+        block_m = kernel_m if block_m is None else block_m
+        block_n = kernel_n if block_n is None else block_n
+        if nq is None:
+            nq = like.shape[2]
+    block_m = 64 if block_m is None else block_m
+    block_n = 64 if block_n is None else block_n
     nk = is_visual.shape[1]
     nq = nk if nq is None else int(nq)
     if not 0 < nq <= nk:
