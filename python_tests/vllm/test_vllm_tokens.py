@@ -21,7 +21,7 @@ class Family:
         self.path = H.BUILDERS[fam](str(root / fam))
         self.hf = H.HFReference(self.path)
         self.plans = {name: H.plan_file(root, f"{fam}-{name}", fam, **layers)
-                      for name, layers in (("A", H.PLAN_A), ("B", H.PLAN_B))}
+                      for name, layers in (("A", H.PLAN_A), ("B", H.PLAN_B), ("V", {"vskip_layers": [0, 1, 2, 3]}))}
         self.engines = {}
 
     def engine(self, key, plan, **kw):
@@ -81,6 +81,37 @@ def test_chunked_prefill_gives_the_same_tokens(families):
     assert got == ref
     counts = H.plan_state(llm)[1]
     assert counts["mixed"] > 0, counts
+    # alone, a request's chunks are [0, 16), [16, 32), ...: put an image across the first boundary
+    words = H.ck.text_prompt(30, 1201, False).split(" ")
+    item = (" ".join(words[:14] + ["<image>"] + words[14:]), [H.ck.image(1201)])
+    ids = f.hf.encode(*item)["input_ids"][0].tolist()
+    assert ids[14:18] == [IMAGE_ID] * 4
+    before = H.plan_state(llm)[1]["prefill"]
+    got, _ = H.generate(llm, [item], N_NEW)
+    assert H.plan_state(llm)[1]["prefill"] - before == -(-len(ids) // 16)  # one step per 16-token chunk
+    assert got == f.hf.tokens(f.plans["A"], [item], N_NEW)
+
+
+def test_vskip_only_plan_keeps_compilation(families):
+    """vskip layers change only the attention op, which runs outside vLLM's compiled graph."""
+    f = families("llava")
+    llm = f.engine("V-compiled", "V", enforce_eager=False)
+    cfg = llm.llm_engine.vllm_config
+    assert not cfg.model_config.enforce_eager
+    assert str(cfg.compilation_config.mode).rsplit(".", 1)[-1] != "NONE"
+    items = H.prompts("llava", 6, seed=11)
+    got = H.generate(llm, items, N_NEW)[0]
+    assert got == f.hf.tokens(f.plans["V"], items, N_NEW)
+    assert got != f.hf.tokens(None, items, N_NEW)
+
+
+def test_eager_is_forced_for_frozen_and_bypass_plans(families):
+    """The step-kind branch of frozen/bypassed layers must not be frozen into a compiled graph."""
+    f = families("llava")
+    llm = f.engine("A-compile-requested", "A", enforce_eager=False)
+    assert llm.llm_engine.vllm_config.model_config.enforce_eager
+    items = H.prompts("llava", 3, seed=15)
+    assert H.generate(llm, items, N_NEW)[0] == f.hf.tokens(f.plans["A"], items, N_NEW)
 
 
 def test_prefix_cache_hits_one_token_prefill_and_multi_turn(families):
