@@ -10,9 +10,10 @@ module-level flag here (Dynamo ignores lru_cache and would re-run the loading).
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
+
+from ._log import logger
 
 
 def _register_fakes() -> None:
@@ -41,7 +42,7 @@ def _load() -> bool:
         else:
             _register_fakes()
             return True
-    warnings.warn(f"vskip_kernels: native extension {reason}; using PyTorch fallbacks", RuntimeWarning, stacklevel=3)
+    logger.warning("vskip_kernels: native extension %s; using PyTorch fallbacks", reason)
     return False
 
 
