@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 import hf_models as H
 from vskip_kernels import SkipPlan
-from vskip_kernels.hf import apply_skip_plan, decoder_layers, language_model
+from vskip_kernels.hf import apply_skip_plan, language_model
 from vskip_kernels.hf.compat import cache_kwargs, output_cache
 
 pytestmark = pytest.mark.hf

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import KIND_PAD, KIND_TEXT, KIND_VISUAL, POLICIES, token_kind
+from .reference import KIND_PAD, KIND_TEXT, KIND_VISUAL, token_kind
 
 POLICY_CODES = {"dense": 0, "vskip": 1, "frozen": 2}
 _BIG = 1 << 30
