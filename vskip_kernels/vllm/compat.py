@@ -92,6 +92,26 @@ def use_backend(on: bool) -> None:
                         "vLLM is not supported yet (the paged Triton kernel is, see ops/triton_paged.py)")
 
 
+# ----------------------------------------------------------------------------- model structure
+_O_PROJ_SPLIT = ("LlamaAttention", "Qwen2Attention")
+
+
+def attention_text_rows(attn, positions, hidden_states, text):
+    """``attn(positions, hidden_states)`` (a vLLM Llama/Qwen2 attention block) for the rows
+    ``text`` only: Q/K/V and the attention op run on every row (K/V must be written; vLLM fuses
+    the Q/K/V projection), the O projection on the text rows only. Other attention classes run
+    whole and are sliced."""
+    if type(attn).__name__ in _O_PROJ_SPLIT and not getattr(attn, "qk_norm", False) and \
+            all(hasattr(attn, a) for a in ("qkv_proj", "q_size", "kv_size", "rotary_emb", "attn", "o_proj")):
+        qkv, _ = attn.qkv_proj(hidden_states)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(positions, q, k)
+        out = attn.attn(q, k, v)
+        o, _ = attn.o_proj(out.index_select(0, text))
+        return o
+    return attn(positions=positions, hidden_states=hidden_states).index_select(0, text)
+
+
 # ----------------------------------------------------------------------------- plan per config
 def plan_of(vllm_config) -> SkipPlan | None:
     """The plan of an engine's config (re-read each time: called a few times per engine start)."""

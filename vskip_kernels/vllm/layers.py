@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..plan import PlanError
+from .compat import attention_text_rows
 
 _FROZEN_NEEDS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
 
@@ -60,8 +61,8 @@ class LayerWrapper:
         return h.index_copy(0, idx, keep_h.to(h.dtype)), r.index_copy(0, idx, keep_r.to(r.dtype))
 
     def _frozen(self, step, positions, hidden_states, residual):
-        """Visual rows pass through; attention rows (policy "frozen") and the FFN run for text rows only.
-        K/V are still computed and written for every row: later text rows attend them."""
+        """Visual rows pass through; attention rows (policy "frozen"), the O projection and the FFN run
+        for text rows only. K/V are still computed and written for every row: later text rows attend them."""
         layer = self.layer
         rows = hidden_states.shape[0]
         if residual is None:
@@ -69,11 +70,10 @@ class LayerWrapper:
             h = layer.input_layernorm(hidden_states)
         else:
             h, residual = layer.input_layernorm(hidden_states, residual)
-        attn_out = layer.self_attn(positions=positions, hidden_states=h)
         text = (~step.visual[:rows]).nonzero().flatten().to(hidden_states.device)
+        a_t = attention_text_rows(layer.self_attn, positions, h, text)
         if text.numel() == 0:
             return torch.zeros_like(residual), residual
-        a_t = attn_out.index_select(0, text)
         r_t = residual.index_select(0, text)
         h_t, r_t = layer.post_attention_layernorm(a_t, r_t)
         h_t = layer.mlp(h_t)
