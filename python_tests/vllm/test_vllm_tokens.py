@@ -152,3 +152,24 @@ def test_64_concurrent_requests_equal_single_runs(families):
     alone = [H.generate(llm, [it], 6)[0][0] for it in items]
     assert together == alone
     assert len(set(map(tuple, together))) > 1
+
+
+def test_calibrated_plan_runs_as_calibrated(families, tmp_path):
+    """The user flow: calibrate with transformers (FlashVLM's visual mass picks bypass layers, then
+    ShortV's LC frozen layers on top), save, serve the file with vLLM."""
+    from vskip_kernels import SkipPlan
+    from vskip_kernels.calibrate import calibrate
+
+    f = families("llava")
+    items = H.prompts("llava", 3, seed=17, images=(1,))
+    batches = [dict(f.hf.encode(t, im)) for t, im in items]
+    bypass = calibrate(f.hf.model, batches, "visual_mass", budget=1, max_new_tokens=4, progress=False)
+    frozen = calibrate(f.hf.model, batches, "lc", budget=1, progress=False)
+    plan = SkipPlan.from_dict({**bypass.to_dict(), "frozen_layers": frozen.frozen_layers})
+    assert plan.model.get("architecture") == "LlavaForConditionalGeneration"
+    path = str(tmp_path / "calibrated.json")
+    plan.save(path)
+    f.plans["calibrated"] = path
+    llm = f.engine("calibrated", "calibrated")
+    test_items = H.prompts("llava", 4, seed=18)
+    assert H.generate(llm, test_items, N_NEW)[0] == f.hf.tokens(path, test_items, N_NEW)
