@@ -31,8 +31,27 @@ DENSE = "dense (sdpa)"
 VSKIP_N, SHORTV_N, FLASHVLM_R = 19, 19, 0.2
 
 
-def method_plans(num_layers: int, smoke: bool):
-    """(name, plan or None, description) per method; N scales down for the tiny smoke model."""
+# --methods keys, in method_plans' order; the dense SDPA baseline always runs first
+METHOD_KEYS = ("dense-sdpa", "dense-ours", "vskip", "shortv", "flashvlm", "vskip+flashvlm", "shortv+flashvlm",
+               "shortv+vskip")
+
+
+def method_plans(num_layers: int, smoke: bool, methods=None):
+    """(name, plan or None, description) per method; N scales down for the tiny smoke model.
+
+    ``methods``: keys of METHOD_KEYS to run, in that order (the dense SDPA baseline, which
+    every speedup is relative to, is always first); None runs them all."""
+    plans = dict(zip(METHOD_KEYS, _all_plans(num_layers, smoke)))
+    if methods is None:
+        return list(plans.values())
+    unknown = sorted(set(methods) - set(METHOD_KEYS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHOD_KEYS)}")
+    keys = ["dense-sdpa"] + [m for m in dict.fromkeys(methods) if m != "dense-sdpa"]
+    return [plans[m] for m in keys]
+
+
+def _all_plans(num_layers: int, smoke: bool):
     n = VSKIP_N if not smoke else num_layers // 2
     n = min(n, num_layers - 1)
     k = max(1, round(FLASHVLM_R * num_layers))
@@ -155,7 +174,7 @@ def run_model(case, args, device, dtype, progress=None):
         ids = input_ids_for(model, case, device)
         num_layers = text_config(model).num_hidden_layers
         want_graphs = args.decode_mode == "graphs" and device.type == "cuda"
-        plans = method_plans(num_layers, args.smoke)
+        plans = method_plans(num_layers, args.smoke, getattr(args, "methods", None))
         for name, plan, desc in plans:
             handle = None
             try:

@@ -11,13 +11,14 @@ with its own time cap, never past what is left of ``--budget``:
      what was built), ``pytest-cuda`` (``pytest python_tests -m cuda``: every Triton kernel
      natively on CUDA tensors, the CUDA schedule kernel, CUDA-graph decode, the baselines);
   b. ``attention`` and ``visual_mass`` on LLaVA-1.5, LLaVA-NeXT, OneVision and the 32k video;
-  c. ``decode``, then ``model`` (LLaVA-NeXT-7B, the 32k Qwen2.5-VL video, LLaVA-1.5-7B).
+  c. ``decode``, then ``model`` (TTFT: LLaVA-NeXT-7B, the 32k Qwen2.5-VL video; decode
+     eager) and ``model-graphs`` (FlashVLM decode on LLaVA-1.5-7B with CUDA graphs).
 
 A step that fails or runs out of time is recorded and the next one runs; the benchmark
 runner saves each suite after every shape, so a stopped suite keeps what it measured.
 Everything goes under ``--out`` in at most eight files: ``summary.json``, ``gpu_check.log``,
-``junit-cuda.xml`` and ``results/<suite>-<gpu>-<time>.json`` (one per suite; copy them to
-bench/results and run bench/make_table.py). A compact summary is printed at the end.
+``junit-cuda.xml`` and ``results/<suite>-<gpu>-<time>.json`` (one per benchmark step; copy
+them to bench/results and run bench/make_table.py, which combines the parts). A compact summary is printed at the end.
 
 ``--smoke`` rehearses the same steps on CPU: the install is a dry run, the CUDA tests are
 collected (and skipped), and the benchmarks run their tiny smoke shapes.
@@ -44,7 +45,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # and bench/model_configs.py by the tests, so a renamed shape fails in CI, not on the GPU).
 ATTENTION_SHAPES = ("llava-next-7b", "qwen25vl-7b-video32k", "llava-ov-7b", "llava15-7b")
 MASS_SHAPES = ("mass-n3000", "mass-n32768", "mass-n8000", "mass-n651")
-MODELS = ("llava-next-7b", "qwen2.5-vl-7b-video32k", "llava-1.5-7b")
+TTFT_MODELS = ("llava-next-7b", "qwen2.5-vl-7b-video32k")  # ShortV, ShortV + V-Skip, V-Skip TTFT targets
+DECODE_MODELS = ("llava-1.5-7b",)  # the FlashVLM decode target
+DECODE_METHODS = ("dense-sdpa", "flashvlm", "dense-ours", "vskip+flashvlm", "shortv+flashvlm")
+MODELS = TTFT_MODELS + DECODE_MODELS
 # Fewer timed calls than the runner's defaults: CUDA events make 10 enough, and the lease is short.
 KERNEL_TIMING = ("--warmup", "3", "--repeats", "10")
 MODEL_TIMING = ("--model-repeats", "2", "--max-new-tokens", "32")
@@ -120,9 +124,18 @@ def plan_steps(args) -> list[Step]:
                       "visual attention mass at N 651, 3k, 8k, 32k", needs_gpu=True, min_s=30))
     steps.append(Step("decode", "c", 90, bench + ["decode"] + timing + common,
                       "decode attention against 4k-32k caches", needs_gpu=True, min_s=30))
-    models = [] if smoke else ["--models", *MODELS]
-    steps.append(Step("model", "c", 420, bench + ["model"] + models + ([] if smoke else list(MODEL_TIMING)) + common,
-                      "model level: " + ", ".join(MODELS), needs_gpu=True, min_s=60))
+    models = lambda names: [] if smoke else ["--models", *names]  # noqa: E731 - smoke: the tiny model
+    model_timing = [] if smoke else list(MODEL_TIMING)
+    # TTFT targets first: prefill does not depend on how decode runs, and eager decode
+    # spares a CUDA-graph compile per method
+    steps.append(Step("model", "c", 240, bench + ["model"] + models(TTFT_MODELS) + ["--decode-mode", "eager"]
+                      + model_timing + common, "model level, TTFT targets: " + ", ".join(TTFT_MODELS),
+                      needs_gpu=True, min_s=60))
+    # the decode target: CUDA-graph decode, FlashVLM against dense first
+    steps.append(Step("model-graphs", "c", 300, bench + ["model"] + models(DECODE_MODELS) + ["--decode-mode", "graphs",
+                      "--methods", *DECODE_METHODS] + model_timing + common,
+                      "model level, CUDA-graph decode target: " + ", ".join(DECODE_MODELS), needs_gpu=True,
+                      min_s=90))
     return steps
 
 

@@ -3,8 +3,9 @@
     python bench/make_table.py [--results bench/results] [--readme README.md] [--plots-dir DIR]
 
 Only GPU results count: smoke runs (in ``<results>/smoke``, or flagged ``smoke``), CPU
-runs and files with no case yet are ignored; a run stopped by a time limit (``complete``
-false) is shown with what it measured, and says so. For each suite and GPU the newest file is used. The README
+runs and files with no case yet are ignored. For each suite and GPU the newest result of
+each case is used, so a run split into parts combines (see ``latest``); a run stopped by a
+time limit (``complete`` false) is shown with what it measured, and says so. The README
 text between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is replaced; nothing
 else in the file changes. Plots need matplotlib and are skipped (with a message)
 without it.
@@ -49,15 +50,60 @@ def load_results(results_dir: str) -> list[dict]:
     return docs
 
 
+VERSION_KEYS = ("torch", "triton", "transformers", "cuda", "flash_attn")
+
+
 def latest(docs: list[dict]) -> list[dict]:
-    """Newest document per (suite, GPU), ordered by suite then GPU."""
-    best = {}
+    """Per (suite, GPU): the newest result of each case, ordered by suite then GPU.
+
+    Runs split by a time limit (``bench/gpu_check.py --only ...``, ``--shapes``, ``--models``)
+    leave one file per part. The newest file is the base; each case it lacks comes from the
+    newest older file that has it, measured with the same torch/triton/transformers/CUDA.
+    Each case keeps its own numbers and ratios (all from one run) and the target checks of
+    the run it came from; the header names every file used."""
+    groups: dict = {}
     for d in docs:
-        key = (d["suite"], d["env"]["gpu"])
-        if key not in best or d.get("created_utc", "") > best[key].get("created_utc", ""):
-            best[key] = d
+        groups.setdefault((d["suite"], d["env"]["gpu"]), []).append(d)
     order = {s: i for i, s in enumerate(SUITE_ORDER)}
-    return [best[k] for k in sorted(best, key=lambda k: (order.get(k[0], 99), k[0], k[1]))]
+    out = []
+    for key in sorted(groups, key=lambda k: (order.get(k[0], 99), k[0], k[1])):
+        ds = sorted(groups[key], key=lambda d: d.get("created_utc", ""), reverse=True)  # newest first
+        out.append(_merge([d for d in ds if _same_versions(d, ds[0])]))
+    return out
+
+
+def _same_versions(a: dict, b: dict) -> bool:
+    return all(a["env"].get(k) == b["env"].get(k) for k in VERSION_KEYS)
+
+
+def _owner(x: dict):
+    """The shape or model a case or a check belongs to."""
+    return x.get("shape") or x.get("model")
+
+
+def _merge(ds: list[dict]) -> dict:
+    """One document from ``ds`` (newest first): see ``latest``."""
+    if len(ds) == 1:
+        return ds[0]
+    chosen: dict = {}  # case id -> (doc, case), newest doc first
+    for d in ds:
+        for c in d["cases"]:
+            chosen.setdefault(c["case"], (d, c))
+    used = [d for d in ds if any(src is d for src, _ in chosen.values())]
+    cases = [c for d in reversed(used) for c in d["cases"] if chosen[c["case"]][0] is d]
+    owners = {id(d): {_owner(c) for c in d["cases"] if chosen[c["case"]][0] is d} for d in used}
+    checks = [ch for d in reversed(used) for ch in d.get("checks", []) if _owner(ch) in owners[id(d)]]
+    shapes, seen = [], set()
+    for d in used:
+        for sh in d.get("shapes", []):
+            if sh.get("name") not in seen:
+                seen.add(sh.get("name"))
+                shapes.append(sh)
+    merged = dict(ds[0], cases=cases, checks=checks, shapes=shapes,
+                  complete=all(d.get("complete", True) for d in used))
+    merged["_paths"] = [d.get("_path", "") for d in used]
+    merged["_commits"] = sorted({(d["env"].get("git_commit") or "unknown")[:10] for d in used})
+    return merged
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -116,6 +162,13 @@ def _vs_cell(case, col, mine):
 def header_line(doc: dict) -> str:
     env = doc["env"]
     commit = (env.get("git_commit") or "unknown")[:10] + (" (dirty)" if env.get("git_dirty") else "")
+    if doc.get("_paths"):  # merged from several runs (see latest)
+        files = ", ".join(f"`{os.path.basename(p)}`" for p in doc["_paths"])
+        return (f"{env['gpu']} ({env.get('gpu_capability') or '?'}), driver {env.get('driver_version') or '?'}, "
+                f"CUDA {env.get('cuda') or '?'}, torch {env.get('torch')}, triton {env.get('triton')}, "
+                f"transformers {env.get('transformers')}, commit {', '.join(doc['_commits'])}; newest result "
+                f"of each case from {files}"
+                + ("; partial: a run stopped before every case was measured" if doc.get("complete") is False else ""))
     return (f"{env['gpu']} ({env.get('gpu_capability') or '?'}), driver {env.get('driver_version') or '?'}, "
             f"CUDA {env.get('cuda') or '?'}, torch {env.get('torch')}, triton {env.get('triton')}, "
             f"transformers {env.get('transformers')}, commit {commit}, run {doc.get('created_utc', '?')} "

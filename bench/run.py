@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", nargs="+", default=None, metavar="NAME",
                    help="attention/visual_mass: only these shape names")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME", help="model suite: only these models")
+    p.add_argument("--methods", nargs="+", default=None, metavar="KEY",
+                   help="model suite: only these methods, in this order (the dense SDPA baseline always runs "
+                        "first): dense-sdpa dense-ours vskip shortv flashvlm vskip+flashvlm shortv+flashvlm "
+                        "shortv+vskip")
     p.add_argument("--max-new-tokens", type=int, default=None, help="model suite: generated tokens per sample")
     p.add_argument("--model-repeats", type=int, default=None, help="model suite: generate() runs per method")
     p.add_argument("--decode-mode", choices=("graphs", "eager"), default="graphs",
@@ -65,6 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_new_tokens < 2 and "model" in suites:
         raise SystemExit("--max-new-tokens must be >= 2 (decode time is measured after the first token)")
+    if args.methods:
+        from .bench_model import METHOD_KEYS
+
+        unknown = [m for m in args.methods if m not in METHOD_KEYS]
+        if unknown:
+            parser.error(f"unknown --methods {unknown}; choose from {', '.join(METHOD_KEYS)}")
     if args.shapes:
         known = shape_names(args.smoke, suites)
         unknown = [s for s in args.shapes if s not in known]
@@ -99,7 +109,7 @@ def main(argv=None) -> list[str]:
         print("note: no GPU; results are written but make_table ignores CPU results", file=sys.stderr)
     env = environment(device)
     settings = {k: getattr(args, k) for k in ("smoke", "dtype", "warmup", "repeats", "flush_l2", "max_new_tokens",
-                                              "model_repeats", "decode_mode")}
+                                              "model_repeats", "decode_mode", "methods")}
     paths = []
     for suite in args.suites:
         mod = importlib.import_module(f".bench_{suite}", __package__ or "bench")

@@ -299,3 +299,34 @@ def test_static_cache_decode_path_gives_eager_tokens():
             assert fallback is None and mode.startswith("static cache") and fields["avg_output_len"] == 5
         finally:
             handle.remove()
+
+
+def test_make_table_combines_the_parts_of_a_split_run(tmp_path):
+    """A run split into parts (one file per shape group) shows every case: the newest result
+    of each, with the checks of the run it came from; results of other versions stay out."""
+    results = tmp_path / "results"
+    env = _synthetic_gpu_env()
+
+    def res(ms):
+        return {"backend": "ours-triton", "ms_median": ms, "ms_p20": ms, "ms_p80": ms, "tflops": 1.0,
+                "peak_mem_bytes": 1, "speedup_vs": {}}
+
+    def doc(created, shape_ms, env=env):
+        cases = [{"case": f"{s}/dense", "shape": s, "policy": "dense", "live_tile_fraction": 1.0,
+                  "results": [res(ms)], "skipped": []} for s, ms in shape_ms]
+        checks = [{"name": "t", "value": ms, "target": ">= 0", "passed": True, "shape": s} for s, ms in shape_ms]
+        write_results(str(results), "attention", env, [{"name": s, "seq_len": 100} for s, _ in shape_ms], cases,
+                      smoke=False, checks=checks, created_utc=created)
+
+    doc("20260101T000000Z", [("a", 1.0), ("b", 2.0)])
+    doc("20260101T000100Z", [("b", 3.0), ("c", 4.0)])
+    doc("20260101T000200Z", [("d", 5.0)], env=dict(env, torch="other"))  # another torch: not combined
+    docs = make_table.load_results(str(results))
+    (merged,) = make_table.latest(docs)
+    assert merged["env"]["torch"] == "other" and [c["shape"] for c in merged["cases"]] == ["d"]
+    (merged,) = make_table.latest([d for d in docs if d["env"]["torch"] == "test"])
+    by_shape = {c["shape"]: c["results"][0]["ms_median"] for c in merged["cases"]}
+    assert by_shape == {"a": 1.0, "b": 3.0, "c": 4.0}  # b from the newer run
+    assert sorted((ch["shape"], ch["value"]) for ch in merged["checks"]) == [("a", 1.0), ("b", 3.0), ("c", 4.0)]
+    header = make_table.header_line(merged)
+    assert header.count(".json`") == 2 and "newest result of each case" in header

@@ -27,7 +27,10 @@ def _args(tmp_path, *extra):
 @pytest.mark.parametrize("smoke", [False, True])
 def test_plan_is_in_priority_order_and_parses(tmp_path, smoke):
     steps = gpu_check.plan_steps(_args(tmp_path, *(["--smoke"] if smoke else [])))
-    assert [s.name for s in steps] == ["install", "env", "pytest-cuda", "attention", "visual_mass", "decode", "model"]
+    assert [s.name for s in steps] == ["install", "env", "pytest-cuda", "attention", "visual_mass", "decode", "model",
+                                       "model-graphs"]
+    # what comes back from a device run: at most 8 files (summary, log, junit, one JSON per benchmark step)
+    assert 3 + sum(s.argv[1:2] == [os.path.join("bench", "run.py")] for s in steps) <= 8
     assert [s.group for s in steps] == sorted(s.group for s in steps)
     assert sum(s.cap_s for s in steps) >= gpu_check.DEFAULT_BUDGET_S  # the budget, not the caps, ends the run
     install = steps[0].argv
@@ -47,6 +50,10 @@ def test_benchmark_names_exist():
     # the 32k video shape is in both kernel suites and the model suite
     assert "qwen25vl-7b-video32k" in gpu_check.ATTENTION_SHAPES and "mass-n32768" in gpu_check.MASS_SHAPES
     assert gpu_check.MODELS[:2] == ("llava-next-7b", "qwen2.5-vl-7b-video32k")
+    from bench.bench_model import FLASHVLM_TARGET_MODEL, METHOD_KEYS
+
+    assert gpu_check.DECODE_MODELS == (FLASHVLM_TARGET_MODEL,)
+    assert gpu_check.DECODE_METHODS[:2] == ("dense-sdpa", "flashvlm") and set(gpu_check.DECODE_METHODS) <= set(METHOD_KEYS)
     # the shapes the kernel targets are stated for (N >= 3k, d128) come first: a stopped suite has them
     first = {s.name: s for s in cases.ATTENTION_SHAPES}[gpu_check.ATTENTION_SHAPES[0]]
     assert first.seq_len >= bench_attention.TARGET_MIN_SEQ and first.head_dim == bench_attention.TARGET_HEAD_DIM
