@@ -58,7 +58,8 @@ def environment(device: torch.device) -> dict:
         "transformers": _version("transformers"),
         "flash_attn": _version("flash_attn"),
         "vskip_kernels": _version("vskip_kernels"),
-        "git_commit": _run(["git", "rev-parse", "HEAD"]),
+        # a copy of the tree without .git (a device machine) names its commit in VSKIP_GIT_COMMIT
+        "git_commit": _run(["git", "rev-parse", "HEAD"]) or os.environ.get("VSKIP_GIT_COMMIT") or None,
         "git_dirty": None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }
