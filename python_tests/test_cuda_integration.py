@@ -117,3 +117,18 @@ def test_cuda_graph_decode_of_patched_model(method):
     finally:
         handle.remove()
         torch._dynamo.reset()
+
+
+def test_benchmark_timing_on_cuda():
+    """The suites' CUDA timing: one event pair per call (the optional L2 flush outside it),
+    and peak memory from the allocator, inputs included."""
+    from bench.common import peak_memory, time_fn
+
+    dev = torch.device("cuda")
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+    fn = lambda: a @ a  # noqa: E731
+    for flush in (False, True):
+        t = time_fn(fn, dev, warmup=2, repeats=5, flush_l2=flush)
+        assert len(t.samples) == 5 and 0 < t.ms_p20 <= t.ms_median <= t.ms_p80
+    peak = peak_memory(fn, dev)
+    assert peak >= 2 * a.numel() * a.element_size()  # the input and the product
