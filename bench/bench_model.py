@@ -92,7 +92,7 @@ def time_method(model, ids, args, device, graphs: bool):
     """Returns (result fields, decode mode actually used, fallback reason or None)."""
     fallback = None
     t = args.max_new_tokens
-    cache, compiled = None, False
+    cache, compiled, graph_info = None, False, {}
     if graphs:
         try:
             from transformers import StaticCache
@@ -103,6 +103,10 @@ def time_method(model, ids, args, device, graphs: bool):
             counters.clear()
             _generate(model, ids, t, cache)  # compiles and captures the decode graphs
             compiled = counters["stats"]["unique_graphs"] > 0
+            # a decode step that breaks into several graphs (host syncs, data-dependent branches)
+            # loses much of what CUDA graphs save: recorded with the timing
+            graph_info = {"decode_graph_count": int(counters["stats"]["unique_graphs"]),
+                          "decode_graph_breaks": int(sum(counters["graph_break"].values()))}
         except Exception as exc:  # noqa: BLE001 - recorded: the run continues eagerly
             fallback = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
             graphs, cache = False, None
@@ -134,6 +138,7 @@ def time_method(model, ids, args, device, graphs: bool):
         decode_ms_per_token=decode_sample / (avg_len - 1) if avg_len > 1 else None,
         avg_output_len=avg_len,
         throughput_tok_s=avg_len / (tot.ms_median * 1e-3) if tot.ms_median > 0 else None,
+        **graph_info,
     )
     if not graphs:
         mode = "eager (dynamic cache)"

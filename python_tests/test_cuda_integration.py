@@ -119,6 +119,30 @@ def test_cuda_graph_decode_of_patched_model(method):
         torch._dynamo.reset()
 
 
+def test_patched_decode_step_has_no_graph_break():
+    """CUDA graphs pay off only when a decode step is one graph: a patched model's decode
+    step compiles without graph breaks (host syncs such as ``.item()`` on a static cache's
+    length, or data-dependent branches), like the unpatched SDPA model's."""
+    dev = torch.device("cuda")
+    case = SMOKE_MODEL_CASES[0]
+    model = build_model(case, dev, torch.float32)
+    ids = input_ids_for(model, case, dev)
+    args = argparse.Namespace(max_new_tokens=4, model_repeats=1)
+    plans = _plans(text_config(model).num_hidden_layers)
+    for name in (None, "dense (vskip_kernels attention, empty plan)", "flashvlm r=0.2"):
+        torch._dynamo.reset()
+        handle = apply_skip_plan(model, plans[name]) if name else None
+        try:
+            fields, mode, fallback = bm.time_method(model, ids, args, dev, graphs=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+            torch._dynamo.reset()
+        assert fallback is None, (name, fallback)
+        assert fields["decode_graph_breaks"] == 0, (name or "sdpa", fields["decode_graph_count"],
+                                                    fields["decode_graph_breaks"])
+
+
 def test_benchmark_timing_on_cuda():
     """The suites' CUDA timing: one event pair per call (the optional L2 flush outside it),
     and peak memory from the allocator, inputs included."""
