@@ -86,6 +86,21 @@ def build_qwen2_vl(path: str, seed: int = 0, layers: int = LAYERS) -> str:
     return path
 
 
+def build_qwen2_5_vl(path: str, seed: int = 0, layers: int = LAYERS) -> str:
+    """Qwen2.5-VL (M-RoPE, windowed vision attention); a 8x8 image -> 4 image tokens."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    model = hm.tiny_qwen2_5_vl(seed=seed, layers=layers, head_dim=HEAD_DIM)
+    model.config.text_config.max_position_embeddings = 2048
+    model.save_pretrained(path)
+    tok = _tokenizer({"<image>": "<|image_pad|>", "<video>": "<|video_pad|>", "<vs>": "<|vision_start|>",
+                      "<ve>": "<|vision_end|>"})
+    ip = Qwen2VLImageProcessor(patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 4)
+    vp = Qwen2VLVideoProcessor(patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 4)
+    Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp).save_pretrained(path)
+    return path
+
+
 def text_prompt(n_words: int, seed: int, image: bool, image_token: str = "<image>") -> str:
     g = torch.Generator().manual_seed(seed)
     words = [_word(int(i)) for i in torch.randint(*hm.TEXT_ID_RANGE, (n_words,), generator=g)]

@@ -16,9 +16,11 @@ from vskip_kernels import SkipPlan  # noqa: E402
 
 BLOCK = 32
 MAX_LEN = 512
-IMAGE_TEXT = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
-BUILDERS = {"llava": ck.build_llava, "qwen2_vl": ck.build_qwen2_vl}
-ARCH = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_TEXT = {"llava": "<image>", "qwen2_vl": _QWEN_IMAGE, "qwen2_5_vl": _QWEN_IMAGE}
+BUILDERS = {"llava": ck.build_llava, "qwen2_vl": ck.build_qwen2_vl, "qwen2_5_vl": ck.build_qwen2_5_vl}
+ARCH = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 # Plans over the 4 decoder layers: every policy, and decode bypass on top of vskip/frozen layers.
 PLAN_A = dict(vskip_layers=[0, 3], frozen_layers=[1], decode_bypass_layers=[1, 2])

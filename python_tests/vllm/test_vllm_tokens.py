@@ -1,5 +1,5 @@
 """Acceptance: greedy tokens of vLLM with a plan equal those of transformers with the same plan
-(``apply_skip_plan``), for tiny fp32 LLaVA-1.5 and Qwen2-VL checkpoints; batch and one by one,
+(``apply_skip_plan``), for tiny fp32 LLaVA-1.5, Qwen2-VL and Qwen2.5-VL checkpoints; batch and one by one,
 prompts of different lengths with 0-2 images; chunked prefill; prefix caching (a cached
 prefix, a one-token prefill after a hit, a multi-turn prompt that repeats an answer); and a
 64-request load test. Engines are shared per module (one start is seconds on 2 cores)."""
@@ -56,7 +56,7 @@ def _check_against_hf(f, llm, plan, items, n=N_NEW):
     return ref
 
 
-@pytest.mark.parametrize("fam,plan", [("llava", "A"), ("llava", "B"), ("qwen2_vl", "A")])
+@pytest.mark.parametrize("fam,plan", [("llava", "A"), ("llava", "B"), ("qwen2_vl", "A"), ("qwen2_5_vl", "B")])
 def test_plan_tokens_equal_transformers(families, fam, plan):
     f = families(fam)
     llm = f.engine(plan, plan)
