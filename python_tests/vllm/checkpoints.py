@@ -71,6 +71,22 @@ def build_llava(path: str, seed: int = 0, layers: int = LAYERS) -> str:
     return path
 
 
+def build_llava_next(path: str, seed: int = 0, layers: int = LAYERS) -> str:
+    """LLaVA-NeXT (anyres tiling over 8x8 tiles, image newline tokens)."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    model = hm.tiny_llava_next(seed=seed, layers=layers, head_dim=HEAD_DIM)
+    model.config.text_config.max_position_embeddings = 2048
+    model.save_pretrained(path)
+    _nest_clip_keys(path)
+    tok = _tokenizer()
+    ip = LlavaNextImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8},
+                                 image_grid_pinpoints=model.config.image_grid_pinpoints, do_center_crop=True)
+    LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
+                       image_token="<image>", num_additional_image_tokens=1).save_pretrained(path)
+    return path
+
+
 def build_qwen2_vl(path: str, seed: int = 0, layers: int = LAYERS) -> str:
     """Qwen2-VL (M-RoPE); a 8x8 image -> 4x4 patches -> 4 image tokens."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor

@@ -17,14 +17,16 @@ from vskip_kernels import SkipPlan  # noqa: E402
 BLOCK = 32
 MAX_LEN = 512
 _QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-IMAGE_TEXT = {"llava": "<image>", "qwen2_vl": _QWEN_IMAGE, "qwen2_5_vl": _QWEN_IMAGE}
-BUILDERS = {"llava": ck.build_llava, "qwen2_vl": ck.build_qwen2_vl, "qwen2_5_vl": ck.build_qwen2_5_vl}
-ARCH = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
-        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+IMAGE_TEXT = {"llava": "<image>", "llava_next": "<image>", "qwen2_vl": _QWEN_IMAGE, "qwen2_5_vl": _QWEN_IMAGE}
+BUILDERS = {"llava": ck.build_llava, "llava_next": ck.build_llava_next, "qwen2_vl": ck.build_qwen2_vl,
+            "qwen2_5_vl": ck.build_qwen2_5_vl}
+ARCH = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+        "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 # Plans over the 4 decoder layers: every policy, and decode bypass on top of vskip/frozen layers.
 PLAN_A = dict(vskip_layers=[0, 3], frozen_layers=[1], decode_bypass_layers=[1, 2])
 PLAN_B = dict(frozen_layers=[0, 2], vskip_layers=[1], decode_bypass_layers=[3])
+PLAN_C = dict(vskip_layers=[0], frozen_layers=[2], decode_bypass_layers=[1])
 
 
 def plan_file(tmpdir, name: str, fam: str, **layers) -> str:

@@ -1,5 +1,5 @@
 """Acceptance: greedy tokens of vLLM with a plan equal those of transformers with the same plan
-(``apply_skip_plan``), for tiny fp32 LLaVA-1.5, Qwen2-VL and Qwen2.5-VL checkpoints; batch and one by one,
+(``apply_skip_plan``), for tiny fp32 LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL checkpoints; batch and one by one,
 prompts of different lengths with 0-2 images; chunked prefill; prefix caching (a cached
 prefix, a one-token prefill after a hit, a multi-turn prompt that repeats an answer); and a
 64-request load test. Engines are shared per module (one start is seconds on 2 cores)."""
@@ -21,7 +21,8 @@ class Family:
         self.path = H.BUILDERS[fam](str(root / fam))
         self.hf = H.HFReference(self.path)
         self.plans = {name: H.plan_file(root, f"{fam}-{name}", fam, **layers)
-                      for name, layers in (("A", H.PLAN_A), ("B", H.PLAN_B), ("V", {"vskip_layers": [0, 1, 2, 3]}))}
+                      for name, layers in (("A", H.PLAN_A), ("B", H.PLAN_B), ("C", H.PLAN_C),
+                                             ("V", {"vskip_layers": [0, 1, 2, 3]}))}
         self.engines = {}
 
     def engine(self, key, plan, **kw):
@@ -56,7 +57,8 @@ def _check_against_hf(f, llm, plan, items, n=N_NEW):
     return ref
 
 
-@pytest.mark.parametrize("fam,plan", [("llava", "A"), ("llava", "B"), ("qwen2_vl", "A"), ("qwen2_5_vl", "B")])
+@pytest.mark.parametrize("fam,plan", [("llava", "A"), ("llava", "B"), ("llava_next", "C"), ("qwen2_vl", "A"),
+                                      ("qwen2_5_vl", "B")])
 def test_plan_tokens_equal_transformers(families, fam, plan):
     f = families(fam)
     llm = f.engine(plan, plan)
@@ -68,6 +70,17 @@ def test_plan_tokens_equal_transformers(families, fam, plan):
     assert dense != ref, "the plan changes nothing on these prompts: the comparison would not catch a no-op backend"
     counts = H.plan_state(llm)[1]
     assert counts["prefill"] > 0 and counts["decode"] > 0
+
+
+def test_generated_placeholder_id_is_text(families):
+    """This prompt makes the model emit its own image placeholder id; fed back on a decode step it
+    gets the id's text embedding, so it is a text token in every layer (as in transformers)."""
+    f = families("llava_next")
+    llm = f.engine("C", "C")
+    item = (H.ck.text_prompt(12, 2, True), [H.ck.image(2)])
+    got = H.generate(llm, [item], N_NEW)[0]
+    assert IMAGE_ID in got[0][:-1]
+    assert got == f.hf.tokens(f.plans["C"], [item], N_NEW)
 
 
 def test_chunked_prefill_gives_the_same_tokens(families):

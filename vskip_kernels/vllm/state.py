@@ -10,8 +10,8 @@ step's ``slot_mapping`` right before the forward that writes the slot's K/V. So:
   computed (a cached block is only reused for the same tokens and images, which its hash
   covers), so a cache hit knows its visual positions without recomputing them.
 
-A token is visual when its id is one of the model's image/video placeholder ids, as in the
-Hugging Face integration. A row is a *decode row* when its position is at or past the
+A prompt token is visual when its id is one of the model's image/video placeholder ids, as in
+the Hugging Face integration; generated tokens are text. A row is a *decode row* when its position is at or past the
 request's prompt length: it is a generated token. The last chunk of a chunked prompt, or the
 one prompt token left after a prefix-cache hit, is a prefill row even when it is one token.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..plan import SkipPlan
-from ..reference import KIND_TEXT, KIND_VISUAL
+from ..kinds import KIND_TEXT, KIND_VISUAL
 
 
 @dataclass
@@ -75,6 +75,9 @@ class ModelState:
         slot_writes: (kv_cache, slot_mapping, num_slots) per distinct cache of the decoder layers."""
         kinds = torch.full((rows,), KIND_TEXT, dtype=torch.int8, device=input_ids.device)
         kinds[:num_tokens] = self.token_kinds(input_ids[:num_tokens])
+        # A generated token is text even when the model emitted a placeholder id: vLLM (like
+        # transformers) gives it the id's text embedding, not visual features.
+        kinds[:num_tokens][decode_rows.to(kinds.device)] = KIND_TEXT
         for kv_cache, slot_mapping, num_slots in slot_writes:
             sk = self.slot_kinds_for(kv_cache, num_slots)
             slots = slot_mapping[:num_tokens].long().to(sk.device)
