@@ -44,20 +44,24 @@ def write_kv(key, value, kv_cache, slot_mapping) -> None:
     vc[blk, :, off] = value.to(vc.dtype)
 
 
-def paged_attention(q, key_cache, value_cache, md, slot_kinds, policy, scale, out):
-    """Dispatch to the paged kernel for q's device: Triton on CUDA, PyTorch elsewhere."""
+def paged_attention(q, key_cache, value_cache, md, slot_kinds, policy, scale, out, row_live=None):
+    """Dispatch to the paged kernel for q's device: Triton on CUDA, PyTorch elsewhere.
+    row_live (bool [T], optional): rows to compute; the others come out as zeros."""
     num_reqs = md.query_start_loc.shape[0] - 1
     args = (q, key_cache, value_cache, md.block_table[:num_reqs], md.seq_lens[:num_reqs],
             md.query_start_loc, slot_kinds)
     if q.is_cuda:
         from ..ops.triton_paged import paged_attention_triton
 
-        res = paged_attention_triton(*args, policy=policy, softmax_scale=scale)
+        res = paged_attention_triton(*args, policy=policy, softmax_scale=scale, num_reqs=num_reqs)
+        if row_live is not None:
+            res = res * row_live[:, None, None].to(res.dtype)
         out.copy_(res)
         return out
     from ..ops.torch_paged import paged_attention_torch
 
-    return paged_attention_torch(*args, policy=policy, softmax_scale=scale, num_reqs=num_reqs, out=out)
+    return paged_attention_torch(*args, policy=policy, softmax_scale=scale, num_reqs=num_reqs, out=out,
+                                 row_live=row_live)
 
 
 class VskipAttentionImpl(_BaseImpl):
@@ -91,8 +95,13 @@ class VskipAttentionImpl(_BaseImpl):
         num_slots = key_cache.shape[0] * key_cache.shape[2]
         slot_kinds = st.slot_kinds_for(kv_cache, num_slots)
         policy = layer._vskip_policy
+        row_live = None
+        step = st.step
+        if step is not None and step.any_decode and layer._vskip_bypass:
+            # mixed step in a decode-bypassed layer: the decode rows' results are dropped, skip them
+            row_live = ~step.decode[:n]
         paged_attention(query[:n], key_cache, value_cache, attn_metadata, slot_kinds, policy, self.scale,
-                        output[:n])
+                        output[:n], row_live)
         return output
 
 

@@ -197,6 +197,7 @@ def attach(runner) -> None:
         attn = _attention_module(layer, i)
         attn._vskip_state = state
         attn._vskip_policy = state.policies[i]
+        attn._vskip_bypass = i in state.bypass
         if state.policies[i] == "frozen" or i in state.bypass:
             if state.policies[i] == "frozen":
                 check_frozen_capable(layer, i)
@@ -222,7 +223,7 @@ def _wrap_load_model(orig):
     return load_model
 
 
-def _step_facts(runner, st, num_tokens):
+def _step_facts(runner, num_tokens):
     """(decode_rows bool [num_tokens]) from the runner's input batch (prompt lengths, computed tokens)."""
     import numpy as np
     import torch
@@ -272,7 +273,7 @@ def _wrap_model_forward(orig):
             if sm is not None:
                 writes.append((kv, sm, kv.shape[0] * kv.shape[2]))
         input_ids = self.input_ids.gpu[:n]
-        st.begin_step(input_ids, n, rows, _step_facts(self, st, n), writes)
+        st.begin_step(input_ids, n, rows, _step_facts(self, n), writes)
         try:
             return orig(self, *args, **kwargs)
         finally:
