@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import POLICIES
+from .kinds import POLICIES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BACKENDS = ("auto", "triton", "torch")

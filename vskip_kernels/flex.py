@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import KIND_PAD, KIND_VISUAL, POLICIES, token_kind
+from .kinds import KIND_PAD, KIND_VISUAL, POLICIES, token_kind
 
 
 def mask_mod_from_kind(kind: torch.Tensor, policy: str = "vskip", *, nq: int | None = None,

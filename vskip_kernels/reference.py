@@ -10,18 +10,7 @@ import math
 
 import torch
 
-POLICIES = ("dense", "vskip", "frozen")
-
-# Per-position token kinds shared by every backend (the schedule carries them as int8).
-KIND_PAD, KIND_TEXT, KIND_VISUAL = 0, 1, 2
-
-
-def token_kind(is_visual: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, Nk] int8: 0 = padding, 1 = text, 2 = visual."""
-    kind = torch.where(is_visual.bool(), KIND_VISUAL, KIND_TEXT).to(torch.int8)
-    if attention_mask is not None:
-        kind = torch.where(attention_mask.bool(), kind, torch.zeros_like(kind))
-    return kind
+from .kinds import KIND_PAD, KIND_TEXT, KIND_VISUAL, POLICIES, token_kind  # noqa: F401  (the spec's vocabulary)
 
 
 def allowed_mask(

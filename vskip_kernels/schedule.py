@@ -15,13 +15,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .reference import KIND_PAD, KIND_TEXT, KIND_VISUAL, token_kind
+from .kinds import KIND_PAD, KIND_TEXT, KIND_VISUAL, POLICY_CODES, token_kind
 
-POLICY_CODES = {"dense": 0, "vskip": 1, "frozen": 2}
 _BIG = 1 << 30
+
+
+# The ops layer tells the planner which tile shape its kernels use for a query tensor
+# (set_tile_shape_provider, called when vskip_kernels.ops is imported), so the planner
+# never imports the kernels above it.
+_tile_shape_for: Callable[[torch.Tensor], tuple[int, int]] | None = None
+
+
+def set_tile_shape_provider(fn: Callable[[torch.Tensor], tuple[int, int]]) -> None:
+    global _tile_shape_for
+    _tile_shape_for = fn
 
 
 @dataclass(frozen=True)
@@ -219,10 +230,9 @@ def plan_schedule(
     if like is not None:
         if not isinstance(like, torch.Tensor) or like.dim() != 4:
             raise ValueError(f"like must be a query tensor [B, Hq, Nq, D], got {tuple(getattr(like, 'shape', ()))}")
-        from .ops.attention import default_block_sizes
-        from .ops.dispatch import resolve_backend
-
-        kernel_m, kernel_n = default_block_sizes(like, resolve_backend("auto", like.device))
+        if _tile_shape_for is None:
+            raise RuntimeError("internal error: no tile-shape provider (vskip_kernels.ops registers it on import)")
+        kernel_m, kernel_n = _tile_shape_for(like)
         block_m = kernel_m if block_m is None else block_m
         block_n = kernel_n if block_n is None else block_n
         if nq is None:

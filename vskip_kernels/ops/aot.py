@@ -1,36 +1,20 @@
 """Ahead-of-time compilation of every Triton kernel configuration, no GPU needed.
 
-Each Triton module exposes ``aot_specs() -> list[AotSpec]``: one entry per
-(autotune config x specialisation) it can launch. ``compile_spec`` compiles one
-for a ``GPUTarget`` and reports its shared memory, which the compile gate in the
-tests checks against each architecture's limit.
+The compile gate's leaf: each Triton launcher registers a ``() -> list[AotSpec]``
+provider with ``triton_spec.register_specs`` (one entry per autotune config x
+specialisation it can launch); ``all_specs`` imports the launchers so the registry is
+full, and ``compile_spec`` compiles one spec for a ``GPUTarget`` and reports its shared
+memory, which the tests check against each architecture's limit. Nothing in the
+package imports this module.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import importlib
 
-# Max dynamic shared memory per block (bytes) a kernel may use on each target.
-SMEM_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-TARGETS = tuple(SMEM_LIMITS)
+from .triton_spec import SMEM_LIMITS, TARGETS, TRITON_DTYPES, AotSpec, registered_specs  # noqa: F401
 
-TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-
-
-@dataclass(frozen=True)
-class AotSpec:
-    name: str  # human-readable id, used as the pytest id
-    fn: Any  # the @triton.jit function (not the autotuner wrapper)
-    signature: dict  # arg name -> triton type string ("*fp16", "i32", "fp32", "constexpr")
-    constexprs: dict = field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 2
-    # targets the config is launched on (autotune prunes configs by each target's smem)
-    targets: tuple = TARGETS
-    # per-parameter specialisation attributes, as Triton applies them at run time
-    # (16-byte divisibility of pointers and strides): without them the compiled kernel
-    # is not the one that runs (no vectorised loads, no K/V pipeline, less smem).
-    attrs: dict = field(default_factory=dict)
+# The modules whose import registers specs; a new Triton launcher is added here.
+KERNEL_MODULES = ("triton_attention", "triton_decode", "triton_visual_mass", "triton_paged")
 
 
 def compile_spec(spec: AotSpec, cc: int):
@@ -61,9 +45,6 @@ def _jit_function(fn):
 
 
 def all_specs() -> list[AotSpec]:
-    from . import triton_attention, triton_decode, triton_paged, triton_visual_mass
-
-    specs = []
-    for mod in (triton_attention, triton_decode, triton_visual_mass, triton_paged):
-        specs.extend(mod.aot_specs())
-    return specs
+    for name in KERNEL_MODULES:
+        importlib.import_module(f"{__package__}.{name}")
+    return registered_specs()

@@ -10,11 +10,9 @@ import math
 import torch
 
 from .._validate import check_attention_inputs
-from ..reference import token_kind
-from ..schedule import POLICY_CODES, Schedule, plan_schedule
+from ..kinds import POLICY_CODES, POLICY_NAMES, token_kind
+from ..schedule import Schedule, plan_schedule, set_tile_shape_provider
 from .dispatch import resolve_backend
-
-_POLICY_NAMES = {v: k for k, v in POLICY_CODES.items()}
 
 
 def _pack_results(out, mass, lse, return_visual_mass, return_lse):
@@ -47,7 +45,7 @@ def _modality_attention_op(
     want_lse: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    policy = _POLICY_NAMES[policy_code]
+    policy = POLICY_NAMES[policy_code]
     if backend == "triton":
         from . import triton_attention
 
@@ -80,6 +78,14 @@ def default_block_sizes(q: torch.Tensor, backend: str) -> tuple[int, int]:
 
         return triton_attention.block_sizes(q)
     return 64, 64
+
+
+def _tile_shape_for(q: torch.Tensor) -> tuple[int, int]:
+    """The (block_m, block_n) modality_attention plans with for queries like ``q``."""
+    return default_block_sizes(q, resolve_backend("auto", q.device))
+
+
+set_tile_shape_provider(_tile_shape_for)
 
 
 def modality_attention(

@@ -12,13 +12,25 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..schedule import POLICY_CODES, Schedule
+from ..kinds import POLICY_CODES
+from ..schedule import Schedule
 from . import triton_decode
-from .aot import SMEM_LIMITS, TARGETS, AotSpec
 from .dispatch import interpreter_on
 from .triton_attention_kernel import attn_fwd_kernel
-from .triton_common import (DTYPES, ELEM, LOG2E, TileCount, active_counter, aot_spec, block_d_for,  # noqa: F401
-                            check_supported, checked_counter, compilable, count_tiles)
+from .triton_common import (  # noqa: F401
+    DTYPES,
+    ELEM,
+    LOG2E,
+    TileCount,
+    active_counter,
+    aot_spec,
+    block_d_for,
+    check_supported,
+    checked_counter,
+    compilable,
+    count_tiles,
+)
+from .triton_spec import SMEM_LIMITS, TARGETS, AotSpec, register_specs
 
 # Autotune varies only these; tile sizes come from the schedule.
 TUNE_CONFIGS = ((4, 2), (4, 3), (8, 3), (8, 4))
@@ -209,6 +221,7 @@ def _signature(dtype: str) -> dict:
     return sig
 
 
+@register_specs
 def aot_specs() -> list[AotSpec]:
     """Every (autotune config x default tile size x head dim) the launcher can pick, with
     the architectures the gate compiles it for.

@@ -17,9 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_masks import policy_allowed
+from .triton_masks import FROZEN, LN2_C, PAD, VISUAL, policy_allowed
 
-LN2 = tl.constexpr(0.6931471805599453)
 # Finite stand-in for the running max: a row that has seen only masked entries keeps
 # m = -1e30, so exp2(m_old - m_new) is exp2(0) = 1 instead of exp2(-inf + inf) = NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
@@ -65,7 +64,7 @@ def _tile_step(
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if WANT_MASS:
-        vis_i = vis_i * alpha + tl.sum(tl.where((kkind == 2)[None, :], p, 0.0), 1)
+        vis_i = vis_i * alpha + tl.sum(tl.where((kkind == VISUAL)[None, :], p, 0.0), 1)
     acc = acc * alpha[:, None]
     if MASKED:
         v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
@@ -119,9 +118,9 @@ def attn_fwd_kernel(
     kind_base = Kind + b * stride_kind_b
     qpos = offs_m + (Nk - Nq)  # query row i is key position i + Nk - Nq
     qkind = tl.load(kind_base + qpos, mask=m_live, other=0)
-    row_vis = qkind == 2
-    row_live = qkind != 0
-    if POLICY == 2:  # frozen: visual rows attend nothing
+    row_vis = qkind == VISUAL
+    row_live = qkind != PAD
+    if POLICY == FROZEN:  # frozen: visual rows attend nothing
         row_live = row_live & ~row_vis
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
@@ -159,7 +158,7 @@ def attn_fwd_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     stat_off = pid_bh.to(tl.int64) * Nq + offs_m
     if WANT_LSE:
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2_C)
         tl.store(Lse + stat_off, lse, mask=m_ok)
     if WANT_MASS:
         tl.store(Mass + stat_off, vis_i / l_safe, mask=m_ok)

@@ -20,11 +20,32 @@ import torch
 import triton
 import triton.language as tl
 
-from ..schedule import POLICY_CODES, Schedule
-from .aot import AotSpec
-from .triton_masks import lse_merge_step, masked_softmax_step, policy_allowed
-from .triton_common import (BLOCK_DS, DTYPES, LOG2E, ROW_BLOCKS, aot_spec, block_d_for, check_supported,
-                            checked_counter, f32_dot, kernel_signature, row_blocks, split_block_n, split_count)
+from ..kinds import POLICY_CODES
+from ..schedule import Schedule
+from .triton_common import (
+    BLOCK_DS,
+    DTYPES,
+    LOG2E,
+    ROW_BLOCKS,
+    aot_spec,
+    block_d_for,
+    check_supported,
+    checked_counter,
+    f32_dot,
+    kernel_signature,
+    row_blocks,
+    split_block_n,
+    split_count,
+)
+from .triton_masks import (
+    FROZEN,
+    PAD,
+    VISUAL,
+    lse_merge_step,
+    masked_softmax_step,
+    policy_allowed,
+)
+from .triton_spec import AotSpec, register_specs
 
 # Decode rows are (query head, query) pairs of one KV head; more than this many
 # rows are spread over several programs (row blocks) that each re-read K/V.
@@ -98,10 +119,10 @@ def _decode_split_kernel(
     d_ok = offs_d < head_dim
 
     qkind = tl.load(KIND + b * stride_kind + qpos, mask=row_ok, other=0)
-    row_live = row_ok & (qkind != 0)
-    if POLICY == 2:
-        row_live = row_live & (qkind != 2)
-    row_vis = qkind == 2
+    row_live = row_ok & (qkind != PAD)
+    if POLICY == FROZEN:
+        row_live = row_live & (qkind != VISUAL)
+    row_vis = qkind == VISUAL
 
     head = hkv * group + g
     q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qn + offs_d[None, :]
@@ -310,6 +331,7 @@ def _merge_signature(dt: str) -> dict:
         constexpr=("BLOCK_D", "BLOCK_ROWS", "WANT_MASS"))
 
 
+@register_specs
 def aot_specs() -> list[AotSpec]:
     """Every tile shape the decode kernels launch with.
 

@@ -10,6 +10,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..kinds import LN2, Policy, TokenKind
+
+# Kernels may read module globals only as constexprs: these are kinds.py's codes.
+PAD = tl.constexpr(int(TokenKind.PAD))
+TEXT = tl.constexpr(int(TokenKind.TEXT))
+VISUAL = tl.constexpr(int(TokenKind.VISUAL))
+DENSE = tl.constexpr(int(Policy.DENSE))
+VSKIP = tl.constexpr(int(Policy.VSKIP))
+FROZEN = tl.constexpr(int(Policy.FROZEN))
+LN2_C = tl.constexpr(LN2)
+
 
 @triton.jit
 def policy_allowed(offs_n, kkind, qpos, row_live, row_visual, POLICY: tl.constexpr, VISUAL_SELF: tl.constexpr):
@@ -17,11 +28,11 @@ def policy_allowed(offs_n, kkind, qpos, row_live, row_visual, POLICY: tl.constex
 
     kkind: key kinds (0 pad, 1 text, 2 visual); qpos: key position of each row;
     row_live: the row may attend at all (real token, and not a frozen visual row);
-    row_visual: the row is a visual query (only read under vskip, POLICY == 1).
+    row_visual: the row is a visual query (only read under vskip, POLICY == VSKIP).
     """
-    allowed = row_live[:, None] & (kkind != 0)[None, :] & (offs_n[None, :] <= qpos[:, None])
-    if POLICY == 1:
-        blocked = row_visual[:, None] & (kkind == 2)[None, :]
+    allowed = row_live[:, None] & (kkind != PAD)[None, :] & (offs_n[None, :] <= qpos[:, None])
+    if POLICY == VSKIP:
+        blocked = row_visual[:, None] & (kkind == VISUAL)[None, :]
         if VISUAL_SELF:
             blocked = blocked & (offs_n[None, :] != qpos[:, None])
         allowed = allowed & ~blocked
@@ -43,7 +54,7 @@ def masked_softmax_step(s, allowed, kkind, m_i, l_i, vis_i, WANT_MASS: tl.conste
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if WANT_MASS:
-        vis_i = vis_i * alpha + tl.sum(tl.where((kkind == 2)[None, :], p, 0.0), 1)
+        vis_i = vis_i * alpha + tl.sum(tl.where((kkind == VISUAL)[None, :], p, 0.0), 1)
     return p, alpha, m_new, l_i, vis_i
 
 

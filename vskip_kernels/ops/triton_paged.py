@@ -19,12 +19,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ..schedule import POLICY_CODES
-from .aot import AotSpec
+from ..kinds import POLICY_CODES
 from .dispatch import interpreter_on
 from .torch_paged import check_paged_args
-from .triton_common import DTYPES, LOG2E, aot_spec, block_d_for, check_supported, checked_counter, compilable
-from .triton_masks import masked_softmax_step, policy_allowed
+from .triton_common import (
+    DTYPES,
+    LOG2E,
+    aot_spec,
+    block_d_for,
+    check_supported,
+    checked_counter,
+    compilable,
+)
+from .triton_masks import FROZEN, PAD, VISUAL, masked_softmax_step, policy_allowed
+from .triton_spec import AotSpec, register_specs
 
 BLOCK_SIZES = (16, 32, 64)  # cache block sizes (one key tile each)
 
@@ -59,9 +67,9 @@ def paged_attn_kernel(
     bt = BlockTable + r * stride_bt
     q_blk = tl.load(bt + qpos // BLOCK_N, mask=m_ok, other=0).to(tl.int64)
     qkind = tl.load(SlotKinds + q_blk * BLOCK_N + qpos % BLOCK_N, mask=m_ok, other=0)
-    row_vis = qkind == 2
-    row_live = qkind != 0
-    if POLICY == 2:  # frozen: visual rows attend nothing
+    row_vis = qkind == VISUAL
+    row_live = qkind != PAD
+    if POLICY == FROZEN:  # frozen: visual rows attend nothing
         row_live = row_live & ~row_vis
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -184,6 +192,7 @@ def _signature(dtype: str) -> dict:
     return sig
 
 
+@register_specs
 def aot_specs() -> list[AotSpec]:
     """The launcher's one config (4 warps, 2 stages) per dtype x head dim x block size it serves.
 

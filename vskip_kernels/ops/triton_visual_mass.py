@@ -22,11 +22,33 @@ import torch
 import triton
 import triton.language as tl
 
-from ..schedule import POLICY_CODES
-from .aot import AotSpec
-from .triton_masks import lse_merge_step, masked_softmax_step, policy_allowed
-from .triton_common import (BLOCK_DS, DTYPES, LOG2E, ROW_BLOCKS, aot_spec, block_d_for, check_supported,
-                            checked_counter, f32_dot, kernel_signature, row_blocks, split_block_n, split_count)
+from ..kinds import KIND_PAD, KIND_TEXT, POLICY_CODES
+from .triton_common import (
+    BLOCK_DS,
+    DTYPES,
+    LOG2E,
+    ROW_BLOCKS,
+    aot_spec,
+    block_d_for,
+    check_supported,
+    checked_counter,
+    f32_dot,
+    kernel_signature,
+    row_blocks,
+    split_block_n,
+    split_count,
+)
+from .triton_masks import (
+    DENSE,
+    PAD,
+    TEXT,
+    VISUAL,
+    VSKIP,
+    lse_merge_step,
+    masked_softmax_step,
+    policy_allowed,
+)
+from .triton_spec import AotSpec, register_specs
 
 _BIG = 1 << 30
 CPU_SPLITS = 3  # interpreter: a small fixed split count so tests cross split boundaries
@@ -48,8 +70,8 @@ def key_block_summary(kind: torch.Tensor, block_n: int) -> tuple[torch.Tensor, t
     blocks = padded.view(b, nt, block_n)
     pos = torch.arange(nt * block_n, dtype=torch.int32, device=kind.device).view(1, nt, block_n)
     big = torch.full_like(pos, _BIG)
-    first_real = torch.where(blocks != 0, pos, big).amin(-1).to(torch.int32)
-    first_text = torch.where(blocks == 1, pos, big).amin(-1).to(torch.int32)
+    first_real = torch.where(blocks != KIND_PAD, pos, big).amin(-1).to(torch.int32)
+    first_text = torch.where(blocks == KIND_TEXT, pos, big).amin(-1).to(torch.int32)
     return first_real.contiguous(), first_text.contiguous()
 
 
@@ -79,12 +101,12 @@ def _mass_split_kernel(
     head = hkv * group + g
     qpos = tl.load(QPOS + sel, mask=row_ok, other=0)
     qkind = tl.load(KIND + b * stride_kind + qpos, mask=row_ok, other=0)
-    is_vis = qkind == 2
-    if POLICY == 0:
-        unrestricted = row_ok & (qkind != 0)
+    is_vis = qkind == VISUAL
+    if POLICY == DENSE:
+        unrestricted = row_ok & (qkind != PAD)
     else:
-        unrestricted = row_ok & (qkind == 1)
-    if POLICY == 1:
+        unrestricted = row_ok & (qkind == TEXT)
+    if POLICY == VSKIP:
         restricted = row_ok & is_vis
     else:
         restricted = tl.full([BLOCK_M], 0, tl.int1)  # only vskip restricts visual rows
@@ -107,7 +129,7 @@ def _mass_split_kernel(
     per_split = (hi + num_splits - 1) // num_splits
     start = split * per_split
     end = tl.minimum(start + per_split, hi)
-    if POLICY == 1 and VISUAL_SELF:
+    if POLICY == VSKIP and VISUAL_SELF:
         lo_r = tl.min(tl.where(restricted, qpos, 1 << 30), 0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -116,7 +138,7 @@ def _mass_split_kernel(
     for blk in range(start, end):
         n0 = blk * BLOCK_N
         need = (max_u >= tl.load(FIRST_REAL + sum_base + blk)) | (max_r >= tl.load(FIRST_TEXT + sum_base + blk))
-        if POLICY == 1 and VISUAL_SELF:
+        if POLICY == VSKIP and VISUAL_SELF:
             # A visual row sees its own (visual) key: only that row's own block.
             if (n0 <= max_r) & (n0 + BLOCK_N > lo_r):
                 own = restricted & (qpos >= n0) & (qpos < n0 + BLOCK_N)
@@ -254,6 +276,7 @@ def _split_signature(dt: str) -> dict:
         constexpr=("BLOCK_M", "BLOCK_N", "BLOCK_D", "POLICY", "VISUAL_SELF", "DIRECT", "COUNT_TILES", "F32_DOT"))
 
 
+@register_specs
 def aot_specs() -> list[AotSpec]:
     """Every tile shape the visual-mass kernels launch with.
 

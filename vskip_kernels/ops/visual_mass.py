@@ -6,11 +6,8 @@ import math
 import torch
 
 from .._validate import check_backend, check_mask_inputs, check_qkv
-from ..reference import token_kind
-from ..schedule import POLICY_CODES
+from ..kinds import POLICY_CODES, POLICY_NAMES, token_kind
 from .dispatch import resolve_backend
-
-_POLICY_NAMES = {v: k for k, v in POLICY_CODES.items()}
 
 
 @torch.library.custom_op("vskip::visual_attention_mass", mutates_args=())
@@ -24,7 +21,7 @@ def _visual_mass_op(
     softmax_scale: float,
     backend: str,
 ) -> torch.Tensor:
-    policy = _POLICY_NAMES[policy_code]
+    policy = POLICY_NAMES[policy_code]
     if backend == "triton":
         from . import triton_visual_mass as impl
     else:

@@ -202,7 +202,7 @@ def attach(runner) -> None:
             if state.policies[i] == "frozen":
                 check_frozen_capable(layer, i)
             orig = layer.forward
-            layer.forward = LayerWrapper(layer, i, state, orig)
+            layer.forward = LayerWrapper(layer, i, state, orig, attention_text_rows)
     runner._vskip_state = state
     logger.info("vskip: plan applied (vskip %s, frozen %s, decode bypass %s)", plan.vskip_layers,
                 plan.frozen_layers, plan.decode_bypass_layers)

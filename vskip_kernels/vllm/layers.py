@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from ..plan import PlanError
-from .compat import attention_text_rows
 
 _FROZEN_NEEDS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
 
@@ -28,7 +27,10 @@ def check_frozen_capable(layer, idx: int) -> None:
 class LayerWrapper:
     """``layer.forward`` for a decoder layer that the plan freezes or bypasses on decode rows."""
 
-    def __init__(self, layer, idx: int, state, orig):
+    def __init__(self, layer, idx: int, state, orig, attention_text_rows):
+        # attention_text_rows(attn, positions, h, text_rows) -> attention output of the text rows;
+        # it knows vLLM's attention blocks, so it comes from compat.py (which imports this module)
+        self.attention_text_rows = attention_text_rows
         self.layer = layer
         self.idx = idx
         self.state = state
@@ -71,7 +73,7 @@ class LayerWrapper:
         else:
             h, residual = layer.input_layernorm(hidden_states, residual)
         text = (~step.visual[:rows]).nonzero().flatten().to(hidden_states.device)
-        a_t = attention_text_rows(layer.self_attn, positions, h, text)
+        a_t = self.attention_text_rows(layer.self_attn, positions, h, text)
         if text.numel() == 0:
             return torch.zeros_like(residual), residual
         r_t = residual.index_select(0, text)
