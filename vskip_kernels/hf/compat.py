@@ -160,6 +160,22 @@ def cache_layer_length(cache, layer: int) -> int:
     return int(n.item()) if isinstance(n, torch.Tensor) else int(n)
 
 
+def past_length(cache, layer: int, tracked: int | None) -> int:
+    """Positions cached before a call.
+
+    Eager calls read the cache layer (authoritative; the caller checks it against what it
+    tracked). While torch.compile traces a call, ``tracked`` (the positions the patch has
+    seen, a host int) stands in: reading a StaticCache's length is a device-to-host sync,
+    a graph break in every decode step. Compiled steps follow an eager prefill, which set
+    ``tracked`` from the cache itself.
+    """
+    if cache is None:
+        return 0
+    if tracked is not None and torch.compiler.is_compiling():
+        return tracked
+    return cache_layer_length(cache, layer)
+
+
 def is_decode_step(hidden_states: torch.Tensor, cache, layer: int) -> bool:
     """One new position per sequence on top of a non-empty cache of this layer.
 

@@ -59,12 +59,21 @@ class LayerPatch:
         if not st.active:
             return self.orig(hidden_states, *args, **kwargs)
         kw = self._bind(args, kwargs)
-        decode = is_decode_step(hidden_states, get_cache(kw), self.idx)
+        decode = self._is_decode(hidden_states, kw)
         if decode and st.bypassed(self.idx):
             return hidden_states
         if st.policy(self.idx) == "frozen" and not decode:
             return self._frozen(hidden_states, kw)
         return self.orig(hidden_states, **kw)
+
+    def _is_decode(self, hidden_states, kw) -> bool:
+        st = self.state
+        cache = get_cache(kw)
+        if torch.compiler.is_compiling() and st.in_call and st.history is not None and cache is not None:
+            # Traced: the visual history spans the cached and the new positions, so its length
+            # answers without reading a StaticCache's length (a host sync, a graph break per layer).
+            return hidden_states.shape[1] == 1 and st.history.shape[1] > 1
+        return is_decode_step(hidden_states, cache, self.idx)
 
     def _frozen(self, hidden_states, kw):
         """Visual rows pass through; Q/O projections, attention rows and the FFN run on text rows only."""

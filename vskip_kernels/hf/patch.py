@@ -124,11 +124,11 @@ def _call_visual(state: SkipState, args, kwargs) -> None:
     embeds = kwargs.get("inputs_embeds")
     cache = compat.get_cache(kwargs)
     cache_patch.attach(cache, state)
-    past = compat.cache_layer_length(cache, state.reference_layer())
     src = input_ids if input_ids is not None else embeds
     if src is None:
         raise ValueError("the patched model needs input_ids or inputs_embeds")
     b, n = src.shape[0], src.shape[1]
+    past = compat.past_length(cache, state.reference_layer(), None if state.history is None else state.history.shape[1])
     full = new = None
     if state.context is not None:
         ctx = state.context[0]
