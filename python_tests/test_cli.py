@@ -10,7 +10,7 @@ from PIL import Image
 
 from vskip_kernels import SkipPlan
 from vskip_kernels.cli import main
-from vskip_kernels.demo import build_demo
+from vskip_kernels.tinyvlm import build_model, build_processor
 
 LAYERS = 4
 
@@ -18,7 +18,7 @@ LAYERS = 4
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("vskip_cli")
-    model, processor = build_demo(num_layers=LAYERS, seed=0)
+    model, processor = build_model(num_layers=LAYERS, seed=0), build_processor()  # untrained: fast
     model.save_pretrained(d / "model")
     processor.save_pretrained(d / "model")
     rng = np.random.default_rng(0)
@@ -134,15 +134,56 @@ def test_bench_runner_is_found():
     assert callable(_load_bench_main())
 
 
-def test_demo_quick(capsys):
-    rc, stdout, err = _run(capsys, "demo", "--quick", "--layers", "4", "--no-progress")
+def test_demo_end_to_end(capsys):
+    """The demo on the shipped model, on a small subset so CI stays within minutes."""
+    rc, stdout, err = _run(capsys, "demo", "--calibration-samples", "8", "--eval-samples", "16", "--budgets", "3",
+                           "--no-progress")
     assert rc == 0, err
     lines = stdout.strip().splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
-    table = lines[header + 1:]
-    assert [row.split()[0] for row in table] == ["dense", "visual_mass", "vig", "lc", "cosine", "angular", "l2",
-                                                 "depth", "random"]
-    assert table[0].endswith("100.0%")
+    assert "12 decoder layers, 64 visual tokens per image" in lines[0]
+    header = next(i for i, line in enumerate(lines) if line.startswith("mode"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("per-layer scores"))
+    table = [line.split() for line in lines[header + 1:end]]
+    assert [(r[0], r[1]) for r in table] == [("dense", "-")] + [
+        (mode, m) for mode, first in (("vskip", "vig"), ("frozen", "lc"), ("decode_bypass", "visual_mass"))
+        for m in (first, "cosine", "depth", "random")]
+    dense = table[0]
+    assert dense[5] == "+0.0" and dense[6] == "100.0%"  # the dense row agrees with itself
+    for row in table[1:]:
+        assert row[2] == "3"
+        layers = json.loads(" ".join(row[3:-5]))
+        assert len(layers) == 3 and all(0 <= i < 12 for i in layers)
+    assert len(lines) - end - 2 == 12  # one score line per decoder layer
+    assert err == ""  # no progress bars or chatter when asked for none
+
+
+@pytest.mark.parametrize("argv,needle", [(["--budgets", "0"], "budgets must be ints in [1, 11]"),
+                                         (["--budgets", "12"], "budgets must be ints in [1, 11]"),
+                                         (["--eval-samples", "0"], "eval_samples must be a positive int")])
+def test_demo_bad_arguments(capsys, argv, needle):
+    _one_line_error(*_run(capsys, "demo", *argv, "--no-progress")[::2], needle)
+
+
+def test_demo_bad_budgets_syntax(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--budgets", "two"])
+    assert "comma-separated ints" in capsys.readouterr().err
+
+
+def test_demo_plot_without_matplotlib(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    rc, _, err = _run(capsys, "demo", "--plot", tmp_path / "out.png", "--no-progress")
+    _one_line_error(rc, err, "pip install matplotlib")
+
+
+def test_demo_plot_bad_folder(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    rc, _, err = _run(capsys, "demo", "--plot", tmp_path / "missing" / "out.png", "--no-progress")
+    _one_line_error(rc, err, "output folder does not exist")
+
+
+def test_demo_model_folder_missing(capsys, tmp_path):
+    _one_line_error(*_run(capsys, "demo", "--model", tmp_path / "nope", "--no-progress")[::2], "model folder not found")
 
 
 def test_module_entry_point_error_exit(tmp_path):

@@ -29,6 +29,16 @@ def _parse_option(text: str):
     return key.strip(), value
 
 
+def _parse_budgets(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budgets takes comma-separated ints such as 2,4,6, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("--budgets needs at least one number of layers")
+    return values
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (or hub name) for from_pretrained")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -81,14 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
 
-    dm = sub.add_parser("demo", help="calibrate, apply and compare every method on a small random LLaVA model")
-    dm.add_argument("--quick", action="store_true", help="fewer samples and tokens (seconds on a CPU)")
-    dm.add_argument("--layers", type=int, default=8)
-    dm.add_argument("--budget", type=int, default=None, help="layers per plan (default: a quarter of the layers)")
-    dm.add_argument("--max-new-tokens", type=int, default=None)
+    dm = sub.add_parser("demo", help="calibrate, apply and compare every method on the shipped tiny VLM")
+    dm.add_argument("--quick", action="store_true", help="fewer samples, one N, one timing run (a few minutes on a CPU)")
+    dm.add_argument("--calibration-samples", type=int, default=None, help="default 32 (16 with --quick)")
+    dm.add_argument("--eval-samples", type=int, default=None, help="default 200 (64 with --quick)")
+    dm.add_argument("--budgets", type=_parse_budgets, default=None, metavar="N[,N...]",
+                    help="numbers of layers to skip (default 2,4,6,8; with --quick a third of the layers)")
+    dm.add_argument("--model", default=None, help="a tiny VLM folder written by `python -m vskip_kernels.tinyvlm.train` "
+                                                  "(default: the shipped one)")
+    dm.add_argument("--plot", default=None, metavar="OUT.png",
+                    help="draw accuracy vs layers skipped and the per-layer scores (needs matplotlib)")
     dm.add_argument("--device", default=None)
     dm.add_argument("--seed", type=int, default=0)
-    dm.add_argument("--no-progress", action="store_true")
+    dm.add_argument("--no-progress", action="store_true", help="no progress bars (they are off anyway when "
+                                                                  "stderr is not a terminal)")
     return parser
 
 
@@ -283,8 +299,20 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(quick=args.quick, layers=args.layers, budget=args.budget, max_new_tokens=args.max_new_tokens,
-             device=args.device, seed=args.seed, progress=not args.no_progress)
+    if args.plot is not None:
+        from .demo_plot import check_plotting
+
+        check_plotting(args.plot)  # before minutes of work, not after
+    if args.model is not None and not os.path.isdir(args.model):
+        raise CLIError(f"model folder not found: {args.model}")
+    result = run_demo(quick=args.quick, calibration_samples=args.calibration_samples, eval_samples=args.eval_samples,
+                      budgets=args.budgets, device=args.device, seed=args.seed,
+                      progress=False if args.no_progress else None, model_path=args.model)
+    if args.plot is not None:
+        from .demo_plot import plot
+
+        plot(result, args.plot)
+        print(f"plot -> {args.plot}")
     return 0
 
 

@@ -27,7 +27,7 @@ CHAT_TEMPLATE = (
 )
 # Default architecture: 12 decoder layers so that which layers a plan picks matters.
 ARCH = dict(layers=12, hidden=64, heads=4, kv_heads=2, ffn=192, vision_hidden=64, vision_layers=2, vision_heads=2,
-            vision_ffn=128, initializer_range=0.08)
+            vision_ffn=128, initializer_range=0.08, vision_initializer_range=0.1)
 
 
 def word_tokens() -> list[str]:
@@ -94,7 +94,8 @@ def build_config(num_layers: int | None = None, **arch):
                        initializer_range=a["initializer_range"])
     vision = CLIPVisionConfig(hidden_size=a["vision_hidden"], intermediate_size=a["vision_ffn"],
                               num_hidden_layers=a["vision_layers"], num_attention_heads=a["vision_heads"],
-                              image_size=IMAGE, patch_size=PATCH)
+                              image_size=IMAGE, patch_size=PATCH,
+                              initializer_range=a["vision_initializer_range"])
     return LlavaConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
                        vision_feature_select_strategy="default", vision_feature_layer=-1, pad_token_id=PAD)
 

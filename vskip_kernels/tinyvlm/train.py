@@ -1,6 +1,6 @@
 """Train the tiny VLM on the synthetic task (CPU is enough) and save it for ``load_pretrained``.
 
-    python -m vskip_kernels.tinyvlm.train --seed 0 --steps 1500 --out vskip_kernels/tinyvlm/weights
+    python -m vskip_kernels.tinyvlm.train --seed 0 --out vskip_kernels/tinyvlm/weights
 
 Step s trains on training samples [s * batch, (s + 1) * batch): fresh scenes every step,
 so the model cannot memorise them. Same seed, steps and thread count give the same weights.
@@ -32,16 +32,32 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(*, seed: int = 0, steps: int = 1500, batch: int = 64, lr: float = 3e-3, warmup: int = 100,
-          threads: int = 2, out: str | None = None, log_every: int = 50, eval_every: int = 250,
+def train(*, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 2e-3, warmup: int = 100,
+          threads: int = 1, out: str | None = None, log_every: int = 50, eval_every: int = 100,
           arch: dict | None = None, eval_samples: int = EVAL_SAMPLES, command: str | None = None,
-          log=print) -> dict:
+          init: str | None = None, first_sample: int = 0, log=print) -> dict:
+    """Train (or, with ``init``, continue training) and return the training record.
+
+    init: a folder an earlier run saved; training continues from its weights (a second
+    stage), on training samples from ``first_sample`` on so no scene is seen twice.
+    """
     for name, v in (("steps", steps), ("batch", batch), ("threads", threads), ("warmup", warmup)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     torch.set_num_threads(threads)
     processor = build_processor()
-    model = build_model(seed=seed, **(arch or {}))
+    previous = None
+    if init is not None:
+        from .model import load_pretrained
+
+        if arch:
+            raise ValueError("arch cannot be changed when continuing from init")
+        model, _ = load_pretrained(init)
+        with open(os.path.join(init, "training.json"), encoding="utf-8") as f:
+            previous = json.load(f)
+        torch.manual_seed(seed)
+    else:
+        model = build_model(seed=seed, **(arch or {}))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "embed" not in n)]
@@ -52,7 +68,7 @@ def train(*, seed: int = 0, steps: int = 1500, batch: int = 64, lr: float = 3e-3
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
-        enc = encode_training(processor, samples("train", step * batch, batch))
+        enc = encode_training(processor, samples("train", first_sample + step * batch, batch))
         loss = model(**enc).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -70,14 +86,17 @@ def train(*, seed: int = 0, steps: int = 1500, batch: int = 64, lr: float = 3e-3
     minutes = (time.time() - t0) / 60
     model.eval()
     acc = accuracy(model, processor, "eval", 0, eval_samples)
-    prior = question_prior_accuracy(samples("train", 0, steps * batch), samples("eval", 0, eval_samples))
+    prior = question_prior_accuracy(samples("train", 0, first_sample + steps * batch),
+                                    samples("eval", 0, eval_samples))
     record = {
         "seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "threads": threads,
         "train_minutes": round(minutes, 1), "eval_samples": eval_samples, "arch": arch or {},
         "eval_accuracy": acc["accuracy"], "eval_accuracy_per_type": acc["per_type"],
         "text_only_question_prior_accuracy": prior,
-        "command": command,
+        "command": command, "first_sample": first_sample,
     }
+    if previous is not None:
+        record["previous_stage"] = previous
     log(json.dumps(record, indent=1))
     if out:
         os.makedirs(out, exist_ok=True)
@@ -92,20 +111,24 @@ def train(*, seed: int = 0, steps: int = 1500, batch: int = 64, lr: float = 3e-3
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vskip_kernels.tinyvlm.train", description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it slightly)")
+    # One thread: these matrices are small, and on a shared machine two threads were several
+    # times slower than one. Float results depend slightly on the thread count.
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--hidden", type=int, default=None, help="text hidden size (default: the shipped architecture)")
     p.add_argument("--ffn", type=int, default=None, help="text FFN size")
     p.add_argument("--out", default=None, help="folder to save the model, processor and training.json in")
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--init", default=None, help="continue from a folder an earlier run saved (a second stage)")
+    p.add_argument("--first-sample", type=int, default=0, help="index of the first training sample used")
     a = p.parse_args(argv)
     train(seed=a.seed, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, threads=a.threads, out=a.out,
           eval_every=a.eval_every, arch={k: v for k, v in (("hidden", a.hidden), ("ffn", a.ffn)) if v is not None},
           command=" ".join(["python -m vskip_kernels.tinyvlm.train"] + list(sys.argv[1:] if argv is None else argv)),
-          log=lambda s: print(s, flush=True))
+          init=a.init, first_sample=a.first_sample, log=lambda s: print(s, flush=True))
     return 0
 
 

@@ -1,0 +1,127 @@
+"""The shipped tiny VLM: loads, reaches its reported accuracy, and needs the image to do so."""
+import json
+import os
+
+import pytest
+import torch
+
+from vskip_kernels.tinyvlm import WEIGHTS_DIR, build_model, build_processor, load_pretrained
+from vskip_kernels.tinyvlm.data import encode_prompts, encode_training
+from vskip_kernels.tinyvlm.evaluate import (accuracy, generate_answers, question_prior_accuracy,
+                                            teacher_forced_correct)
+from vskip_kernels.tinyvlm.task import chance_accuracy, samples
+
+EVAL = 500  # the evaluation subset the README and training.json report on
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_pretrained()
+
+
+@pytest.fixture(scope="module")
+def record():
+    with open(os.path.join(WEIGHTS_DIR, "training.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_tokenizer_words_and_characters():
+    tok = build_processor().tokenizer
+    ids = tok("what colour is the circle?\ncircle</s>")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["what", " colour", " is", " the", " circle", "?", "\n",
+                                              "c", "i", "r", "c", "l", "e", "</s>"]
+
+
+def test_training_labels_cover_answer_and_eos_only():
+    proc = build_processor()
+    batch = samples("train", 0, 6)
+    enc = encode_training(proc, batch)
+    for row, lab, s in zip(enc["input_ids"], enc["labels"], batch):
+        kept = lab[lab != -100]
+        assert proc.tokenizer.convert_ids_to_tokens(kept.tolist()) == list(s.answer) + ["</s>"]
+        assert torch.equal(row[-len(kept):], kept)
+    prompt = encode_prompts(proc, batch)
+    assert int((prompt["input_ids"][0] == 4).sum()) == 64  # 64 visual tokens per image
+
+
+def test_shipped_model_shape(shipped):
+    model, _ = shipped
+    assert model.config.text_config.num_hidden_layers == 12
+    assert model.config.image_token_id == 4
+    size = sum(os.path.getsize(os.path.join(WEIGHTS_DIR, f)) for f in os.listdir(WEIGHTS_DIR))
+    assert size < 10 * 2 ** 20  # a few MB shipped in the package
+
+
+def test_shipped_model_reaches_reported_accuracy(shipped, record):
+    model, proc = shipped
+    res = accuracy(model, proc, "eval", 0, EVAL)
+    assert record["eval_samples"] == EVAL
+    # same samples, same weights: only float summation order may differ between machines
+    assert res["accuracy"] >= record["eval_accuracy"] - 0.02, res
+    assert res["accuracy"] >= 0.85, res
+    chance = chance_accuracy(s.qtype for s in samples("eval", 0, EVAL))
+    assert all(acc > 0.6 for acc in res["per_type"].values()), res["per_type"]
+    assert res["accuracy"] > chance + 0.4
+
+
+def test_answers_need_the_image(shipped):
+    """Each question paired with another scene's image: the model falls to about chance."""
+    model, proc = shipped
+    data = samples("eval", 0, 200)
+    images = [s.image() for s in data]
+    shifted = images[7:] + images[:7]  # same question types, unrelated scenes
+    from vskip_kernels.calibrate.data import encode
+    from vskip_kernels.tinyvlm.evaluate import decode_answer, prepare_inputs
+
+    right = 0
+    for i in range(0, len(data), 50):
+        inputs = prepare_inputs(encode(proc, [s.question for s in data[i:i + 50]],
+                                       [[im] for im in shifted[i:i + 50]]), model)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        for s, g in zip(data[i:i + 50], out[:, inputs["input_ids"].shape[1]:]):
+            right += decode_answer(proc.tokenizer, g) == s.answer
+    chance = chance_accuracy(s.qtype for s in data)
+    assert right / len(data) < chance + 0.1, (right / len(data), chance)
+
+
+def test_text_only_control_near_chance(record):
+    """The best text-only answer (most frequent training answer per question) is near chance."""
+    train, ev = samples("train", 0, 20000), samples("eval", 0, EVAL)
+    prior = question_prior_accuracy(train, ev)
+    chance = chance_accuracy(s.qtype for s in ev)
+    assert abs(prior - chance) < 0.05, (prior, chance)
+    assert abs(record["text_only_question_prior_accuracy"] - chance) < 0.05
+
+
+def test_teacher_forced_equals_greedy(shipped):
+    model, proc = shipped
+    data = samples("eval", 0, 64)
+    answers, _ = generate_answers(model, proc, data)
+    ok = teacher_forced_correct(model, proc, data)
+    assert ok.tolist() == [a == s.answer for a, s in zip(answers, data)]
+
+
+def test_train_writes_a_loadable_model(tmp_path):
+    from vskip_kernels.tinyvlm.train import train
+
+    rec = train(seed=1, steps=2, batch=4, warmup=1, threads=1, out=str(tmp_path), eval_every=0, log=lambda s: None,
+                eval_samples=8, arch={"layers": 2})
+    assert rec["steps"] == 2 and 0.0 <= rec["eval_accuracy"] <= 1.0
+    model, proc = load_pretrained(str(tmp_path))
+    assert model.config.text_config.num_hidden_layers == 2
+    assert json.loads((tmp_path / "training.json").read_text())["seed"] == 1
+
+
+def test_load_pretrained_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors missing"):
+        load_pretrained(str(tmp_path))
+
+
+def test_untrained_model_is_deterministic():
+    a, b = build_model(num_layers=2, seed=3), build_model(num_layers=2, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ValueError, match="num_layers"):
+        build_model(num_layers=0)
+    with pytest.raises(TypeError, match="unknown architecture"):
+        build_model(colour=3)
