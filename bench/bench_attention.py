@@ -14,8 +14,17 @@ import vskip_kernels as vk
 from vskip_kernels.reference import token_kind
 
 from . import baselines, cases
-from .common import (allowed_entries, attention_flops, check, fill_speedups, find, free_memory, measure, run_shapes,
-                     time_fn)
+from .common import (
+    allowed_entries,
+    attention_flops,
+    check,
+    fill_speedups,
+    find,
+    free_memory,
+    measure,
+    run_shapes,
+    time_fn,
+)
 
 POLICIES = ("dense", "vskip", "frozen")
 OURS_TRITON, OURS_TORCH = "ours-triton", "ours-torch"

@@ -55,8 +55,8 @@ def _all_plans(num_layers: int, smoke: bool):
     n = VSKIP_N if not smoke else num_layers // 2
     n = min(n, num_layers - 1)
     k = max(1, round(FLASHVLM_R * num_layers))
-    deepest = lambda c: list(range(num_layers - c, num_layers))  # noqa: E731
-    mk = lambda **kw: SkipPlan(num_layers=num_layers, method="manual (deepest layers, timing only)", **kw)  # noqa: E731
+    deepest = lambda c: list(range(num_layers - c, num_layers))
+    mk = lambda **kw: SkipPlan(num_layers=num_layers, method="manual (deepest layers, timing only)", **kw)
     return [
         (DENSE, None, {"kind": "dense"}),
         ("dense (vskip_kernels attention, empty plan)", mk(), {"kind": "dense"}),
@@ -95,9 +95,8 @@ def time_method(model, ids, args, device, graphs: bool):
     cache, compiled, graph_info = None, False, {}
     if graphs:
         try:
-            from transformers import StaticCache
-
             from torch._dynamo.utils import counters
+            from transformers import StaticCache
 
             cache = StaticCache(config=model.config, max_cache_len=int(ids.shape[1]) + t)
             counters.clear()
@@ -107,7 +106,7 @@ def time_method(model, ids, args, device, graphs: bool):
             # loses much of what CUDA graphs save: recorded with the timing
             graph_info = {"decode_graph_count": int(counters["stats"]["unique_graphs"]),
                           "decode_graph_breaks": int(sum(counters["graph_break"].values()))}
-        except Exception as exc:  # noqa: BLE001 - recorded: the run continues eagerly
+        except Exception as exc:
             fallback = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
             graphs, cache = False, None
             torch._dynamo.reset()
@@ -188,7 +187,7 @@ def run_model(case, args, device, dtype, progress=None):
 
                     handle = apply_skip_plan(model, plan)
                 fields, mode, fallback = time_method(model, ids, args, device, want_graphs)
-            except Exception as exc:  # noqa: BLE001 - an unsupported method is recorded, not hidden
+            except Exception as exc:
                 msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                 skipped.append({"backend": name, "reason": f"{type(exc).__name__}: {msg}"})
                 continue
@@ -262,7 +261,7 @@ def run(args, device, dtype):
     for case in model_cases:
         try:
             shape, c = run_model(case, args, device, dtype, progress)
-        except Exception as exc:  # noqa: BLE001 - e.g. out of memory building the model: record, go on
+        except Exception as exc:
             msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             shapes.append({"name": case.name, "family": case.family, "num_visual": case.num_visual})
             out.append({"case": case.name, "model": case.name, "results": [],

@@ -13,8 +13,8 @@ import re
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -254,7 +254,7 @@ def measure(backend: str, build: Callable[[], Callable[[], object]], device: tor
         fn = build()
         timing = time_fn(fn, device, warmup=args.warmup, repeats=args.repeats, flush_l2=args.flush_l2)
         peak = peak_memory(fn, device)
-    except Exception as exc:  # noqa: BLE001 - every failure is recorded with its reason, none hidden
+    except Exception as exc:
         msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
         reason = ("out of memory: " if is_oom(exc) else f"{type(exc).__name__}: ") + msg
         skipped.append({"backend": backend, "reason": reason})

@@ -116,7 +116,7 @@ def plan_steps(args) -> list[Step]:
     steps.append(Step("pytest-cuda", "a", 240, pytest,
                       "pytest -m cuda: native Triton kernels on CUDA tensors, CUDA schedule kernel, "
                       "CUDA-graph decode, FlexAttention/flash-attn baselines", min_s=30))
-    shapes = lambda names: [] if smoke else ["--shapes", *names]  # noqa: E731 - smoke runs its own tiny shapes
+    shapes = lambda names: [] if smoke else ["--shapes", *names]
     timing = [] if smoke else list(KERNEL_TIMING)
     steps.append(Step("attention", "b", 270, bench + ["attention"] + shapes(ATTENTION_SHAPES) + timing + common,
                       "prefill attention: LLaVA-1.5, LLaVA-NeXT, OneVision, 32k video", needs_gpu=True, min_s=40))
@@ -124,7 +124,7 @@ def plan_steps(args) -> list[Step]:
                       "visual attention mass at N 651, 3k, 8k, 32k", needs_gpu=True, min_s=30))
     steps.append(Step("decode", "c", 90, bench + ["decode"] + timing + common,
                       "decode attention against 4k-32k caches", needs_gpu=True, min_s=30))
-    models = lambda names: [] if smoke else ["--models", *names]  # noqa: E731 - smoke: the tiny model
+    models = lambda names: [] if smoke else ["--models", *names]
     model_timing = [] if smoke else list(MODEL_TIMING)
     # TTFT targets first: prefill does not depend on how decode runs, and eager decode
     # spares a CUDA-graph compile per method
@@ -329,7 +329,7 @@ def print_env() -> int:
         try:
             m = __import__(mod)
             info[mod] = getattr(m, "__version__", "present")
-        except Exception as exc:  # noqa: BLE001 - absent or broken: say which
+        except Exception as exc:
             info[mod] = f"not importable ({type(exc).__name__})"
     import torch
 

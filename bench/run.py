@@ -11,7 +11,7 @@ import sys
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    __package__ = "bench"  # noqa: A001 - lets the suites' relative imports resolve
+    __package__ = "bench"
 
 SUITES = ("attention", "visual_mass", "decode", "model")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import vskip_kernels as vk
-
 from bench import baselines, cases
 
 CUDA = torch.cuda.is_available()

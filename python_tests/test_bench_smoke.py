@@ -12,10 +12,17 @@ import torch
 # bench/ is a repository folder, not part of the installed package
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import make_table, run  # noqa: E402
-from bench.common import (RESULT_FIELDS, allowed_entries, attention_flops, fill_speedups,  # noqa: E402
-                          summarize, time_fn, write_results)
-from vskip_kernels.reference import allowed_mask, token_kind  # noqa: E402
+from bench import make_table, run
+from bench.common import (
+    RESULT_FIELDS,
+    allowed_entries,
+    attention_flops,
+    fill_speedups,
+    summarize,
+    time_fn,
+    write_results,
+)
+from vskip_kernels.reference import allowed_mask, token_kind
 
 
 @pytest.fixture(scope="module")
@@ -276,10 +283,10 @@ def test_static_cache_decode_path_gives_eager_tokens():
     kind of plan applied it generates the tokens of the ordinary dynamic-cache generate."""
     import argparse
 
-    from bench import bench_model as bm
-    from bench.model_configs import SMOKE_MODEL_CASES, build_model, input_ids_for, text_config
     from transformers import StaticCache
 
+    from bench import bench_model as bm
+    from bench.model_configs import SMOKE_MODEL_CASES, build_model, input_ids_for, text_config
     from vskip_kernels.hf import apply_skip_plan
 
     case = SMOKE_MODEL_CASES[0]

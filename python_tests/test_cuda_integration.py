@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
-
 from _shared import assert_rule, build_layout
+
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan
 from vskip_kernels.reference import attention_ref, token_kind
@@ -23,9 +23,9 @@ from vskip_kernels.reference import attention_ref, token_kind
 # bench/ is a repository folder, not part of the installed package
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import baselines  # noqa: E402
-from bench import bench_model as bm  # noqa: E402
-from bench.model_configs import SMOKE_MODEL_CASES, build_model, input_ids_for, text_config  # noqa: E402
+from bench import baselines
+from bench import bench_model as bm
+from bench.model_configs import SMOKE_MODEL_CASES, build_model, input_ids_for, text_config
 
 pytestmark = pytest.mark.cuda
 
@@ -150,7 +150,7 @@ def test_benchmark_timing_on_cuda():
 
     dev = torch.device("cuda")
     a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
-    fn = lambda: a @ a  # noqa: E731
+    fn = lambda: a @ a
     for flush in (False, True):
         t = time_fn(fn, dev, warmup=2, repeats=5, flush_l2=flush)
         assert len(t.samples) == 5 and 0 < t.ms_p20 <= t.ms_median <= t.ms_p80

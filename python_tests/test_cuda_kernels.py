@@ -17,8 +17,8 @@ import itertools
 
 import pytest
 import torch
-
 from _shared import assert_matches_reference, assert_rule, build_layout, make_qkv, spans
+
 from vskip_kernels import modality_attention, modality_attention_varlen, plan_schedule, visual_attention_mass
 from vskip_kernels.ops import triton_attention as ta
 from vskip_kernels.ops import triton_decode as td
@@ -133,13 +133,13 @@ def test_varlen_matches_per_sequence(dtype, d, policy):
     k = torch.randn(tk, 2, d, generator=g).to(dtype).cuda()
     v = torch.randn(tk, 2, d, generator=g).to(dtype).cuda()
     vis = (torch.rand(tk, generator=g) < 0.7).cuda()
-    cu = lambda lens: torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32).cuda()  # noqa: E731
+    cu = lambda lens: torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32).cuda()
     cq, ck = cu(lens_q), cu(lens_k)
     out, mass, lse = modality_attention_varlen(q, k, v, cq, ck, max(lens_q), max(lens_k), vis, policy=policy,
                                                return_visual_mass=True, return_lse=True, backend="triton")
     for i in range(len(lens_q)):
         qs, ks = slice(int(cq[i]), int(cq[i + 1])), slice(int(ck[i]), int(ck[i + 1]))
-        to4 = lambda t: t.transpose(0, 1)[None]  # noqa: E731
+        to4 = lambda t: t.transpose(0, 1)[None]
         got = tuple(x[qs].transpose(0, 1)[None] for x in (out, mass, lse))
         assert_matches_reference(got, to4(q[qs]), to4(k[ks]), to4(v[ks]), vis[ks][None], None, policy, True,
                                  out_atol=out_atol(dtype))

@@ -12,8 +12,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # bench/ is a repository folder, not part of the installed package
 
-from bench import bench_attention, cases, gpu_check, run  # noqa: E402
-from bench.model_configs import MODEL_CASES  # noqa: E402
+from bench import bench_attention, cases, gpu_check, run
+from bench.model_configs import MODEL_CASES
 
 
 def _args(tmp_path, *extra):

@@ -1,12 +1,11 @@
 """apply_skip_plan on the five VLM families and two text-only decoders: prefill semantics,
 reversibility, per-model state, visual-mass recording, the triton backend and loading."""
+import hf_models as H
 import pytest
 import torch
 
-import hf_models as H
 from vskip_kernels import SkipPlan
-from vskip_kernels.hf import (apply_skip_plan, decoder_layers, language_model, num_decoder_layers,
-                              visual_token_ids)
+from vskip_kernels.hf import apply_skip_plan, decoder_layers, language_model, num_decoder_layers, visual_token_ids
 from vskip_kernels.hf.compat import cache_kwargs, output_cache
 from vskip_kernels.plan import PlanError
 
@@ -281,9 +280,8 @@ def test_inputs_embeds_needs_visual_context():
         got = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
     want = reference_logits(ref, inputs, vskip=[0], frozen=[2])
     torch.testing.assert_close(real(got, inputs), real(want, inputs), rtol=0, atol=ATOL)
-    with pytest.raises(ValueError, match="is_visual"):
-        with handle.visual_context(torch.zeros(2, 3)):
-            pass
+    with pytest.raises(ValueError, match="is_visual"), handle.visual_context(torch.zeros(2, 3)):
+        pass
     assert lm is language_model(model)
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _paged import MIXED, make_case, reference
 from _shared import assert_rule
+
 from vskip_kernels.ops import triton_paged as tp
 from vskip_kernels.ops.triton_common import count_tiles
 from vskip_kernels.reference import allowed_mask
@@ -30,7 +30,7 @@ def _to(case, device):
 def _expected_tiles(case, policy, block_m, visual_self=True):
     bs = case["k_cache"].shape[2]
     total = 0
-    for q, k, v, vis in case["per_req"]:
+    for q, k, _v, vis in case["per_req"]:
         n, L = q.shape[2], k.shape[2]
         allowed = allowed_mask(vis, None, n, policy, visual_self)[0]  # [n, L]
         for m0 in range(0, n, block_m):

@@ -1,8 +1,8 @@
 """Torch backend vs the executable spec (vskip_kernels.reference), through the public API."""
 import pytest
 import torch
-
 from _shared import assert_matches_reference, assert_rule, make_qkv
+
 from vskip_kernels import modality_attention, visual_attention_mass
 from vskip_kernels.reference import allowed_mask, attention_ref, visual_mass_ref
 

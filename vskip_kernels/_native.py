@@ -36,7 +36,7 @@ def _load() -> bool:
         reason = "disabled by VSKIP_DISABLE_NATIVE=1"
     else:
         try:
-            from . import _C  # noqa: F401  (registers torch.ops.vskip.*)
+            from . import _C  # type: ignore[attr-defined]  # noqa: F401  (registers torch.ops.vskip.*)
         except ImportError as exc:  # depends on the build
             reason = f"not available ({exc})"
         else:

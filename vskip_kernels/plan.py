@@ -52,7 +52,7 @@ class SkipPlan:
     def __post_init__(self):
         self.validate()
 
-    def validate(self) -> "SkipPlan":
+    def validate(self) -> SkipPlan:
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers <= 0:
             raise PlanError(f"num_layers must be a positive integer, got {self.num_layers!r}")
         n = self.num_layers
@@ -95,7 +95,7 @@ class SkipPlan:
         return {"format": PLAN_FORMAT, **d}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SkipPlan":
+    def from_dict(cls, d: dict[str, Any]) -> SkipPlan:
         if not isinstance(d, dict):
             raise PlanError(f"a plan must be a JSON object, got {type(d).__name__}")
         fmt = d.get("format")
@@ -130,7 +130,7 @@ class SkipPlan:
             raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SkipPlan":
+    def load(cls, path: str | os.PathLike) -> SkipPlan:
         try:
             with open(path) as f:
                 text = f.read()

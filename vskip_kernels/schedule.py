@@ -14,8 +14,8 @@ host synchronisation, so it can be captured in a CUDA graph.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -97,12 +97,12 @@ class Schedule:
     def batch_size(self) -> int:
         return self.kind.shape[0]
 
-    def to(self, device) -> "Schedule":
+    def to(self, device) -> Schedule:
         """The same schedule with its tensors on ``device`` (a no-op when already there)."""
         device = torch.device(device)
         if device == self.device:
             return self
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: t.to(device, non_blocking=True)
         return dataclasses.replace(self, kind=move(self.kind), full_cnt=move(self.full_cnt),
                                    full_idx=move(self.full_idx), part_cnt=move(self.part_cnt),
                                    part_idx=move(self.part_idx))
@@ -115,7 +115,7 @@ class Schedule:
     def __repr__(self) -> str:
         total = self.batch_size * self.num_m_tiles * self.num_n_tiles
         full, part = int(self.full_cnt.sum()), int(self.part_cnt.sum())
-        pct = lambda x: 100.0 * x / total if total else 0.0  # noqa: E731
+        pct = lambda x: 100.0 * x / total if total else 0.0
         vs = f", visual_self={self.visual_self}" if self.policy == "vskip" else ""
         return (f"Schedule(policy={self.policy!r}{vs}, B={self.batch_size}, nq={self.nq}, nk={self.nk}, "
                 f"block=({self.block_m}, {self.block_n}), tiles={self.num_m_tiles}x{self.num_n_tiles}, "

@@ -11,7 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import hf_models as hm  # noqa: E402
+import hf_models as hm
 
 HEAD_DIM = 32
 LAYERS = 4
@@ -87,34 +87,32 @@ def build_llava_next(path: str, seed: int = 0, layers: int = LAYERS) -> str:
     return path
 
 
-def build_qwen2_vl(path: str, seed: int = 0, layers: int = LAYERS) -> str:
-    """Qwen2-VL (M-RoPE); a 8x8 image -> 4x4 patches -> 4 image tokens."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+def _build_qwen(path: str, factory, processor_cls, seed: int, layers: int) -> str:
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    model = hm.tiny_qwen2_vl(seed=seed, layers=layers, head_dim=HEAD_DIM)
+    model = factory(seed=seed, layers=layers, head_dim=HEAD_DIM)
     model.config.text_config.max_position_embeddings = 2048
     model.save_pretrained(path)
     tok = _tokenizer({"<image>": "<|image_pad|>", "<video>": "<|video_pad|>", "<vs>": "<|vision_start|>",
                       "<ve>": "<|vision_end|>"})
     ip = Qwen2VLImageProcessor(patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 4)
     vp = Qwen2VLVideoProcessor(patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 4)
-    Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp).save_pretrained(path)
+    processor_cls(image_processor=ip, tokenizer=tok, video_processor=vp).save_pretrained(path)
     return path
+
+
+def build_qwen2_vl(path: str, seed: int = 0, layers: int = LAYERS) -> str:
+    """Qwen2-VL (M-RoPE); a 8x8 image -> 4x4 patches -> 4 image tokens."""
+    from transformers import Qwen2VLProcessor
+
+    return _build_qwen(path, hm.tiny_qwen2_vl, Qwen2VLProcessor, seed, layers)
 
 
 def build_qwen2_5_vl(path: str, seed: int = 0, layers: int = LAYERS) -> str:
     """Qwen2.5-VL (M-RoPE, windowed vision attention); a 8x8 image -> 4 image tokens."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    from transformers import Qwen2_5_VLProcessor
 
-    model = hm.tiny_qwen2_5_vl(seed=seed, layers=layers, head_dim=HEAD_DIM)
-    model.config.text_config.max_position_embeddings = 2048
-    model.save_pretrained(path)
-    tok = _tokenizer({"<image>": "<|image_pad|>", "<video>": "<|video_pad|>", "<vs>": "<|vision_start|>",
-                      "<ve>": "<|vision_end|>"})
-    ip = Qwen2VLImageProcessor(patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 4)
-    vp = Qwen2VLVideoProcessor(patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 4)
-    Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp).save_pretrained(path)
-    return path
+    return _build_qwen(path, hm.tiny_qwen2_5_vl, Qwen2_5_VLProcessor, seed, layers)
 
 
 def text_prompt(n_words: int, seed: int, image: bool, image_token: str = "<image>") -> str:

@@ -10,9 +10,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import checkpoints as ck  # noqa: E402
+import checkpoints as ck
 
-from vskip_kernels import SkipPlan  # noqa: E402
+from vskip_kernels import SkipPlan
 
 BLOCK = 32
 MAX_LEN = 512

@@ -7,9 +7,9 @@ import pytest
 
 pytest.importorskip("vllm.entrypoints.llm")  # a bare namespace "vllm" (this folder) does not count
 
-import harness as H  # noqa: E402
+import harness as H
 
-from vskip_kernels.plan import PlanError  # noqa: E402
+from vskip_kernels.plan import PlanError
 
 
 @pytest.fixture(scope="module")

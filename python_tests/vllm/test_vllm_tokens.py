@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("vllm.entrypoints.llm")  # a bare namespace "vllm" (this folder) does not count
 
-import harness as H  # noqa: E402
+import harness as H
 
 N_NEW = 8
 IMAGE_ID = H.ck.hm.IMAGE_ID

@@ -1,7 +1,8 @@
 """``calibrate``: score every decoder layer with one method and turn the scores into a SkipPlan."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ def _hidden_options(method: str, options: dict[str, Any], target: str) -> dict[s
     # Scoring whole-layer change of visual tokens is what ShortV's cosine ablation does
     # when the plan freezes/skips visual work; decode bypass concerns every token.
     default_tokens = "last" if method == "angular" else ("visual" if target in ("vskip", "frozen") else "all")
-    allowed = {"target": target, "tokens": default_tokens}
+    allowed: dict[str, Any] = {"target": target, "tokens": default_tokens}
     if method == "angular":
         allowed["n"] = None
     return pop_options(options, method, allowed)

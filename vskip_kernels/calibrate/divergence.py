@@ -49,7 +49,8 @@ def kl_scores(model, handle, layers, lm, batches, *, policy: str, num_samples: i
     norm, head = _final_norm(lm), _head(model)
     sums = torch.zeros(num, dtype=torch.float64)
     samples = 0
-    plans = [SkipPlan(num_layers=num, **{f"{policy}_layers": [l]}) for l in range(num)]
+    field = {"vskip": "vskip_layers", "frozen": "frozen_layers"}[policy]
+    plans = [SkipPlan(num_layers=num, **{field: [l]}) for l in range(num)]  # type: ignore[arg-type]
     dense = SkipPlan(num_layers=num)
     name = "vig" if policy == "vskip" else "lc"
 

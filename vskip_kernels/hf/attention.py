@@ -8,7 +8,6 @@ the kernels, never as a dense 4-D tensor.
 """
 from __future__ import annotations
 
-
 from ..ops.attention import modality_attention
 from ..ops.visual_mass import visual_attention_mass
 from . import compat

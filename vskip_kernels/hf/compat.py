@@ -42,8 +42,8 @@ def _release(v: str) -> tuple[int, int, int]:
     """(major, minor, patch) of a version string; pre/dev/local suffixes ignored."""
     from packaging.version import Version
 
-    r = Version(v).release
-    return tuple((r + (0, 0, 0))[:3])
+    r = (*Version(v).release, 0, 0, 0)
+    return r[0], r[1], r[2]
 
 
 def in_tested_range(version: str | None = None) -> bool:
@@ -58,7 +58,7 @@ def tested_range_text() -> str:
     return f"transformers {lo} to {'.'.join(hi.split('.')[:2])}.x"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def warn_if_untested(version: str | None = None) -> bool:
     """Warn once per process (per version) when transformers is outside the tested range."""
     version = version or transformers_version()
@@ -84,7 +84,7 @@ def cache_param_name(fn) -> str | None:
     return next((n for n in CACHE_NAMES if n in params), None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_cache_kwarg() -> str:
     """The keyword this transformers release's models take the KV cache under."""
     from transformers.models.llama.modeling_llama import LlamaModel
@@ -226,6 +226,8 @@ def padding_mask_2d(attention_mask: torch.Tensor, kv_length: int, kv_offset: int
     from transformers.masking_utils import prepare_padding_mask
 
     mask = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if mask is None:  # only for attention_mask None, which the caller has ruled out
+        raise TransformersCompatError("prepare_padding_mask returned None for a given attention_mask")
     return mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
 
 

@@ -10,8 +10,8 @@ import inspect
 
 import torch
 
-from ..ops.visual_mass import visual_attention_mass
 from ..ops import modality_attention
+from ..ops.visual_mass import visual_attention_mass
 from .compat import get_cache, is_decode_step
 
 _FROZEN_NEEDS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
@@ -82,7 +82,7 @@ class LayerPatch:
         b, n, hdim = hidden_states.shape
         is_visual, ctx_mask = st.current_visual()
         L = is_visual.shape[1]
-        if is_visual.shape[0] != b or L < n:
+        if is_visual.shape[0] != b or n > L:
             raise ValueError(f"the visual mask is {tuple(is_visual.shape)} but layer {self.idx} got hidden states "
                              f"{tuple(hidden_states.shape)}")
         q_vis = is_visual[:, L - n:].to(hidden_states.device)

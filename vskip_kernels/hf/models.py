@@ -1,6 +1,8 @@
 """Where the language model, its decoder layers and its visual token ids live in each family."""
 from __future__ import annotations
 
+from typing import Any, cast
+
 from torch import nn
 
 # Attribute paths from a top-level model to the language model, most specific first:
@@ -18,7 +20,7 @@ def language_model(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for path in _LM_PATHS:
-        m = model
+        m: Any = model
         for name in path:
             m = getattr(m, name, None)
             if m is None:
@@ -33,7 +35,7 @@ def language_model(model: nn.Module) -> nn.Module:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The language model's decoder layers (never the vision tower's blocks)."""
-    return language_model(model).layers
+    return cast(nn.ModuleList, language_model(model).layers)  # _has_layers checked the type
 
 
 def num_decoder_layers(model: nn.Module) -> int:

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
 from .._validate import BACKENDS
 from ..plan import PlanError, SkipPlan
 from . import cache as cache_patch
-from .attention import ATTN_NAME, register
 from . import compat
+from .attention import ATTN_NAME, register
 from .layers import LayerPatch, check_frozen_capable
 from .models import language_model, visual_token_ids
 from .state import SkipState, VisualMassRecorder
@@ -36,9 +37,9 @@ class SkipHandle:
         self.model = model
         self._lm = lm
         self._state = state
-        self._hooks = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._layers: list[tuple[torch.nn.Module, object]] = []
-        self._attn_modules = []
+        self._attn_modules: list[torch.nn.Module] = []
         self._prev_attn = _MISSING
         self.removed = False
 
@@ -152,6 +153,7 @@ def _call_visual(state: SkipState, args, kwargs) -> None:
         else:
             new = torch.zeros(b, n, dtype=torch.bool, device=input_ids.device)
     if full is None:
+        assert new is not None  # set above whenever full is not
         if past == 0:
             full = new
         else:
@@ -191,7 +193,7 @@ def apply_skip_plan(model: torch.nn.Module, plan: SkipPlan, *, backend: str = "a
                 f"{type(model).__name__} is already patched by vskip_kernels.hf.apply_skip_plan; call "
                 "handle.remove() first, or switch plans with handle.set_plan(plan)"
             )
-    layers = lm.layers
+    layers: Any = lm.layers
     _check_plan(plan, layers)
     for i, layer in enumerate(layers):
         if not hasattr(layer, "self_attn"):
@@ -200,8 +202,9 @@ def apply_skip_plan(model: torch.nn.Module, plan: SkipPlan, *, backend: str = "a
     state = SkipState(plan, backend, visual_token_ids(model))
     handle = SkipHandle(model, lm, state)
     try:
-        handle._prev_attn = lm.config._attn_implementation_internal
-        lm.config._attn_implementation_internal = ATTN_NAME
+        cfg: Any = lm.config
+        handle._prev_attn = cfg._attn_implementation_internal
+        cfg._attn_implementation_internal = ATTN_NAME
         for i, layer in enumerate(layers):
             attn = layer.self_attn
             attn.__dict__["_vskip_state"] = state

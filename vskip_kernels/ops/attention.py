@@ -6,6 +6,7 @@ does not graph-break on them.
 from __future__ import annotations
 
 import math
+from typing import Literal, overload
 
 import torch
 
@@ -86,6 +87,97 @@ def _tile_shape_for(q: torch.Tensor) -> tuple[int, int]:
 
 
 set_tile_shape_provider(_tile_shape_for)
+
+
+# The return type follows the flags: out, (out, mass), (out, lse) or (out, mass, lse).
+@overload
+def modality_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_visual: torch.Tensor,
+    *,
+    policy: str = ...,
+    attention_mask: torch.Tensor | None = ...,
+    visual_self: bool = ...,
+    softmax_scale: float | None = ...,
+    return_visual_mass: Literal[False] = ...,
+    return_lse: Literal[False] = ...,
+    schedule: Schedule | None = ...,
+    backend: str = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def modality_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_visual: torch.Tensor,
+    *,
+    policy: str = ...,
+    attention_mask: torch.Tensor | None = ...,
+    visual_self: bool = ...,
+    softmax_scale: float | None = ...,
+    return_visual_mass: Literal[True],
+    return_lse: Literal[False] = ...,
+    schedule: Schedule | None = ...,
+    backend: str = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def modality_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_visual: torch.Tensor,
+    *,
+    policy: str = ...,
+    attention_mask: torch.Tensor | None = ...,
+    visual_self: bool = ...,
+    softmax_scale: float | None = ...,
+    return_visual_mass: Literal[False] = ...,
+    return_lse: Literal[True],
+    schedule: Schedule | None = ...,
+    backend: str = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def modality_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_visual: torch.Tensor,
+    *,
+    policy: str = ...,
+    attention_mask: torch.Tensor | None = ...,
+    visual_self: bool = ...,
+    softmax_scale: float | None = ...,
+    return_visual_mass: Literal[True],
+    return_lse: Literal[True],
+    schedule: Schedule | None = ...,
+    backend: str = ...,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def modality_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_visual: torch.Tensor,
+    *,
+    policy: str = ...,
+    attention_mask: torch.Tensor | None = ...,
+    visual_self: bool = ...,
+    softmax_scale: float | None = ...,
+    return_visual_mass: bool = ...,
+    return_lse: bool = ...,
+    schedule: Schedule | None = ...,
+    backend: str = ...,
+) -> torch.Tensor | tuple[torch.Tensor, ...]: ...
 
 
 def modality_attention(

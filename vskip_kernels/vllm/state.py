@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import SkipPlan
 from ..kinds import KIND_TEXT, KIND_VISUAL
+from ..plan import SkipPlan
 
 
 @dataclass
