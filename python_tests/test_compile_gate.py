@@ -66,7 +66,7 @@ def test_compiles_within_smem(compiled, name, cc):
 
 
 def test_every_target_has_a_config_per_head_dim_and_dtype():
-    from vskip_kernels.ops import triton_attention as ta
+    from vskip_kernels.ops.triton import attention as ta
 
     for cc in aot.TARGETS:
         for dtype in ("fp16", "bf16", "fp32"):
@@ -77,7 +77,7 @@ def test_every_target_has_a_config_per_head_dim_and_dtype():
 
 def test_smem_estimate_bounds_measured(compiled):
     """Runtime pruning trusts smem_estimate: it must never be below the real allocation."""
-    from vskip_kernels.ops import triton_attention as ta
+    from vskip_kernels.ops.triton import attention as ta
 
     for spec in SPECS:
         if not spec.name.startswith("attn_"):

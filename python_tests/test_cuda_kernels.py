@@ -20,8 +20,8 @@ import torch
 from _shared import assert_matches_reference, assert_rule, build_layout, make_qkv, spans
 
 from vskip_kernels import modality_attention, modality_attention_varlen, plan_schedule, visual_attention_mass
-from vskip_kernels.ops import triton_attention as ta
-from vskip_kernels.ops import triton_decode as td
+from vskip_kernels.ops.triton import attention as ta
+from vskip_kernels.ops.triton import decode as td
 from vskip_kernels.reference import allowed_mask, attention_ref, live_tile_pairs, token_kind, visual_mass_ref
 from vskip_kernels.schedule import classify_tiles
 

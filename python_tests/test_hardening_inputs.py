@@ -3,7 +3,7 @@
 * empty batch, zero-length sequences, zero heads / head dim and Nq > Nk are clear
   ValueErrors on every public entry point and backend (before any kernel runs);
 * NaN/inf in q, k or v: the Triton kernels follow the torch backend's documented rules
-  (ops/torch_backend.py) and rows that are empty by contract stay exact zeros;
+  (ops/pytorch/attention.py) and rows that are empty by contract stay exact zeros;
 * the Triton path never allocates anything N x N (allocation functions are wrapped and
   only calls made from vskip_kernels code count).
 """

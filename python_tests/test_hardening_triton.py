@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vskip_kernels import modality_attention, plan_schedule, visual_attention_mass
-from vskip_kernels.ops import triton_attention as ta
-from vskip_kernels.ops import triton_decode as td
-from vskip_kernels.ops import triton_visual_mass as tvm
+from vskip_kernels.ops.triton import attention as ta
+from vskip_kernels.ops.triton import decode as td
+from vskip_kernels.ops.triton import visual_mass as tvm
 from vskip_kernels.reference import allowed_mask, attention_ref, live_tile_pairs, token_kind, visual_mass_ref
 
 POLICIES = ("dense", "vskip", "frozen")

@@ -1,4 +1,4 @@
-"""Paged PyTorch attention (ops/torch_paged.py, the vLLM backend's CPU path) against
+"""Paged PyTorch attention (ops/pytorch/paged.py, the vLLM backend's CPU path) against
 reference.attention_ref on each request's contiguous copy."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from _paged import MIXED, make_case, reference
 from _shared import assert_rule
 
-from vskip_kernels.ops.torch_paged import paged_attention_torch
+from vskip_kernels.ops.pytorch.paged import paged_attention_torch
 
 POLICIES = ("dense", "vskip", "frozen")
 

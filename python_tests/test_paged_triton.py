@@ -1,4 +1,4 @@
-"""Paged Triton attention (ops/triton_paged.py) against reference.attention_ref on each request's
+"""Paged Triton attention (ops/triton/paged.py) against reference.attention_ref on each request's
 contiguous copy: in Triton's interpreter on CPU, natively on a GPU (``cuda`` marker).
 
 Also checks the block sparsity: the count of processed (query tile, cache block) pairs equals
@@ -10,8 +10,8 @@ import torch
 from _paged import MIXED, make_case, reference
 from _shared import assert_rule
 
-from vskip_kernels.ops import triton_paged as tp
-from vskip_kernels.ops.triton_common import count_tiles
+from vskip_kernels.ops.triton import paged as tp
+from vskip_kernels.ops.triton.common import count_tiles
 from vskip_kernels.reference import allowed_mask
 
 POLICIES = ("dense", "vskip", "frozen")

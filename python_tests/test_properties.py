@@ -1,7 +1,7 @@
 """Property tests on random layouts: torch backend vs the reference, schedule vs the mask,
 non-finite inputs and determinism.
 
-Non-finite inputs (documented in ops/torch_backend.py): NaN in q poisons only that query row;
+Non-finite inputs (documented in ops/pytorch/attention.py): NaN in q poisons only that query row;
 NaN in k at key j poisons exactly the rows allowed to attend j (masked scores become -inf before
 they can spread); NaN in v at key j poisons at least the rows attending j.
 """

@@ -1,4 +1,4 @@
-"""Triton prefill attention (ops/triton_attention.py) against reference.attention_ref.
+"""Triton prefill attention (ops/triton/attention.py) against reference.attention_ref.
 
 Runs in Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1), so shapes
 are small and the schedules use 16/32 tiles to span many tiles. Every axis of the
@@ -13,7 +13,7 @@ import torch
 from _shared import assert_matches_reference, assert_rule, build_layout, make_qkv
 
 from vskip_kernels import modality_attention, plan_schedule
-from vskip_kernels.ops import triton_attention as ta
+from vskip_kernels.ops.triton import attention as ta
 from vskip_kernels.reference import allowed_mask, attention_ref, live_tile_pairs
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -148,7 +148,7 @@ def test_no_statistics_direct():
     vis, am, nq = make_layout("image_first")
     q, k, v = make_qkv(1, 2, 2, nq, vis.shape[1], 64, torch.float16, seed=9)
     sched = plan_schedule(vis, am, nq=nq, policy="frozen", block_m=32, block_n=32)
-    out, mass, lse = ta.attention_forward(q, k, v, sched, 0.125, False, False)
+    out, mass, lse = ta.prefill_forward(q, k, v, sched, 0.125, False, False)
     assert mass is None and lse is None
     ref, _, _ = attention_ref(q, k, v, vis, policy="frozen", softmax_scale=0.125)
     ref_lp, _, _ = attention_ref(q, k, v, vis, policy="frozen", softmax_scale=0.125, upcast=False)
@@ -188,7 +188,7 @@ def test_empty_rows_exact_zero():
     q, k, v = make_qkv(2, 2, 2, 64, 64, 64, torch.bfloat16, seed=11)
     for policy, visual_self in (("vskip", False), ("frozen", True)):
         sched = plan_schedule(vis, am, policy=policy, visual_self=visual_self, block_m=16, block_n=16)
-        out, mass, lse = ta.attention_forward(q, k, v, sched, 0.125, True, True)
+        out, mass, lse = ta.prefill_forward(q, k, v, sched, 0.125, True, True)
         empty = ~allowed_mask(vis, am, 64, policy, visual_self).any(-1)[:, None, :].expand(-1, 2, -1)
         assert empty.any()
         assert not (torch.isnan(out).any() or torch.isnan(mass).any() or torch.isnan(lse).any())
@@ -214,18 +214,18 @@ def test_unsupported_combinations_raise():
     q, k, v = make_qkv(1, 1, 1, nq, vis.shape[1], 64, torch.float16)
     big = plan_schedule(vis, am, policy="dense", block_m=256, block_n=64)
     with pytest.raises(ValueError, match="block_m"):
-        ta.attention_forward(q, k, v, big, 0.125, False, False)
+        ta.prefill_forward(q, k, v, big, 0.125, False, False)
     q32, k32, v32 = make_qkv(1, 1, 1, nq, vis.shape[1], 256, torch.float32)
     huge = plan_schedule(vis, am, policy="dense", block_m=128, block_n=128)
     with pytest.raises(ValueError, match="shared memory"):
-        ta.attention_forward(q32, k32, v32, huge, 0.0625, False, False)
+        ta.prefill_forward(q32, k32, v32, huge, 0.0625, False, False)
     with pytest.raises(ValueError, match="head dims"):
         ta.block_sizes(torch.zeros(1, 1, 4, 512, dtype=torch.float16))
     with pytest.raises(ValueError, match="float16"):
         ta.block_sizes(torch.zeros(1, 1, 4, 64, dtype=torch.float64))
     wrong = plan_schedule(vis[:, :64], None, policy="dense", block_m=32, block_n=32)
     with pytest.raises(ValueError, match="schedule"):
-        ta.attention_forward(q, k, v, wrong, 0.125, False, False)
+        ta.prefill_forward(q, k, v, wrong, 0.125, False, False)
 
 
 # --------------------------------------------------------------------------- real GPU
@@ -249,6 +249,6 @@ class TestCuda:
         check_against_ref(q, k, v, vis, am, "vskip", False, (16, 32))
         sched = plan_schedule(vis, am, nq=nq, policy="vskip", block_m=32, block_n=32)
         with ta.count_tiles() as counter:
-            ta.attention_forward(q, k, v, sched, 0.1, True, True)
+            ta.prefill_forward(q, k, v, sched, 0.1, True, True)
         live = live_tile_pairs(allowed_mask(vis, am, nq, "vskip", True), 32, 32)
         assert counter.value == 4 * int(live.sum())

@@ -1,4 +1,4 @@
-"""Split-KV decode attention (ops/triton_decode.py) against reference.attention_ref.
+"""Split-KV decode attention (ops/triton/decode.py) against reference.attention_ref.
 
 Runs in Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1). Caches of
 300-400 keys span 5-7 key tiles of the default schedule and 19-25 tiles of
@@ -15,8 +15,8 @@ import torch
 from _shared import assert_matches_reference, assert_rule, build_layout, make_qkv, spans
 
 from vskip_kernels import modality_attention, plan_schedule
-from vskip_kernels.ops import triton_attention as ta
-from vskip_kernels.ops import triton_decode as td
+from vskip_kernels.ops.triton import attention as ta
+from vskip_kernels.ops.triton import decode as td
 from vskip_kernels.reference import allowed_mask, attention_ref, live_tile_pairs
 
 POLICIES = ("dense", "vskip", "frozen")

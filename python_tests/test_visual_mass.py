@@ -15,8 +15,8 @@ import torch
 from _shared import ATOL, assert_rule, build_layout, make_qkv
 
 from vskip_kernels import modality_attention, visual_attention_mass
-from vskip_kernels.ops import triton_attention as ta
-from vskip_kernels.ops import triton_visual_mass as tvm
+from vskip_kernels.ops.triton import attention as ta
+from vskip_kernels.ops.triton import visual_mass as tvm
 from vskip_kernels.reference import allowed_mask, live_tile_pairs, token_kind, visual_mass_ref
 
 POLICIES = ("dense", "vskip", "frozen")

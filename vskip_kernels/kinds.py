@@ -2,7 +2,7 @@
 
 The executable spec (``reference.py``), the planners, both backends and the Triton
 kernels all read these; the kernels through the ``tl.constexpr`` copies in
-``ops/triton_masks.py``. Nothing here imports the rest of the package.
+``ops/triton/masks.py``. Nothing here imports the rest of the package.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every Triton kernel configuration, no GPU needed.
 
 The compile gate's leaf: each Triton launcher registers a ``() -> list[AotSpec]``
-provider with ``triton_spec.register_specs`` (one entry per autotune config x
+provider with ``triton.spec.register_specs`` (one entry per autotune config x
 specialisation it can launch); ``all_specs`` imports the launchers so the registry is
 full, and ``compile_spec`` compiles one spec for a ``GPUTarget`` and reports its shared
 memory, which the tests check against each architecture's limit. Nothing in the
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import importlib
 
-from .triton_spec import SMEM_LIMITS, TARGETS, TRITON_DTYPES, AotSpec, registered_specs  # noqa: F401
+from .triton.spec import SMEM_LIMITS, TARGETS, TRITON_DTYPES, AotSpec, registered_specs  # noqa: F401
 
 # The modules whose import registers specs; a new Triton launcher is added here.
-KERNEL_MODULES = ("triton_attention", "triton_decode", "triton_visual_mass", "triton_paged")
+KERNEL_MODULES = ("triton.attention", "triton.decode", "triton.visual_mass", "triton.paged")
 
 
 def compile_spec(spec: AotSpec, cc: int):

@@ -48,13 +48,17 @@ def _modality_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     policy = POLICY_NAMES[policy_code]
     if backend == "triton":
-        from . import triton_attention
+        from .triton import attention as triton_attention
+        from .triton import decode as triton_decode
 
         sched = Schedule(kind, full_cnt, full_idx, part_cnt, part_idx, q.shape[2], k.shape[2], policy,
                          visual_self, block_m, block_n)
-        out, mass, lse = triton_attention.attention_forward(q, k, v, sched, softmax_scale, want_mass, want_lse)
+        # few queries against the cache: one tile per head could not fill the GPU, so split the keys
+        forward = triton_decode.decode_forward if triton_decode.use_decode_path(q, k) else \
+            triton_attention.prefill_forward
+        out, mass, lse = forward(q, k, v, sched, softmax_scale, want_mass, want_lse)
     else:
-        from . import torch_backend
+        from .pytorch import attention as torch_backend
 
         out, mass, lse = torch_backend.attention_forward(
             q, k, v, kind, policy, visual_self, softmax_scale, want_mass, want_lse
@@ -75,7 +79,7 @@ def _(q, k, v, kind, full_cnt, full_idx, part_cnt, part_idx, policy_code, visual
 
 def default_block_sizes(q: torch.Tensor, backend: str) -> tuple[int, int]:
     if backend == "triton":
-        from . import triton_attention
+        from .triton import attention as triton_attention
 
         return triton_attention.block_sizes(q)
     return 64, 64

@@ -23,10 +23,10 @@ def _visual_mass_op(
 ) -> torch.Tensor:
     policy = POLICY_NAMES[policy_code]
     if backend == "triton":
-        from . import triton_visual_mass
+        from .triton import visual_mass as triton_visual_mass
 
         return triton_visual_mass.visual_mass(q, k, kind, q_pos, policy, visual_self, softmax_scale)
-    from . import torch_backend
+    from .pytorch import attention as torch_backend
 
     return torch_backend.visual_mass(q, k, kind, q_pos, policy, visual_self, softmax_scale)
 

@@ -51,14 +51,14 @@ def paged_attention(q, key_cache, value_cache, md, slot_kinds, policy, scale, ou
     args = (q, key_cache, value_cache, md.block_table[:num_reqs], md.seq_lens[:num_reqs],
             md.query_start_loc, slot_kinds)
     if q.is_cuda:
-        from ..ops.triton_paged import paged_attention_triton
+        from ..ops.triton.paged import paged_attention_triton
 
         res = paged_attention_triton(*args, policy=policy, softmax_scale=scale, num_reqs=num_reqs)
         if row_live is not None:
             res = res * row_live[:, None, None].to(res.dtype)
         out.copy_(res)
         return out
-    from ..ops.torch_paged import paged_attention_torch
+    from ..ops.pytorch.paged import paged_attention_torch
 
     return paged_attention_torch(*args, policy=policy, softmax_scale=scale, num_reqs=num_reqs, out=out,
                                  row_live=row_live)

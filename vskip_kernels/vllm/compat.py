@@ -89,7 +89,7 @@ def use_backend(on: bool) -> None:
         _clear_selector_cache()
     elif on:
         raise PlanError("the vskip vLLM backend runs on vLLM's CPU build in this release; CUDA serving through "
-                        "vLLM is not supported yet (the paged Triton kernel is, see ops/triton_paged.py)")
+                        "vLLM is not supported yet (the paged Triton kernel is, see ops/triton/paged.py)")
 
 
 # ----------------------------------------------------------------------------- model structure

@@ -12,9 +12,9 @@ import types
 import torch
 import triton
 
-from ..kinds import LOG2E  # noqa: F401  (launchers scale softmax_scale by it)
-from .dispatch import interpreter_on
-from .triton_spec import AotSpec
+from ...kinds import LOG2E  # noqa: F401  (launchers scale softmax_scale by it)
+from ..dispatch import interpreter_on
+from .spec import AotSpec
 
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}

@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kinds import POLICY_CODES
-from .dispatch import interpreter_on
-from .torch_paged import check_paged_args
-from .triton_common import (
+from ...kinds import POLICY_CODES
+from ..dispatch import interpreter_on
+from ..pytorch.paged import check_paged_args
+from .common import (
     DTYPES,
     LOG2E,
     aot_spec,
@@ -31,8 +31,8 @@ from .triton_common import (
     checked_counter,
     compilable,
 )
-from .triton_masks import FROZEN, PAD, VISUAL, masked_softmax_step, policy_allowed
-from .triton_spec import AotSpec, register_specs
+from .masks import FROZEN, PAD, VISUAL, masked_softmax_step, policy_allowed
+from .spec import AotSpec, register_specs
 
 BLOCK_SIZES = (16, 32, 64)  # cache block sizes (one key tile each)
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..kinds import POLICY_CODES
-from ..schedule import Schedule
-from . import triton_decode
-from .dispatch import interpreter_on
-from .triton_attention_kernel import attn_fwd_kernel
-from .triton_common import (  # noqa: F401
+from ...kinds import POLICY_CODES
+from ...schedule import Schedule
+from ..dispatch import interpreter_on
+from .attention_kernel import attn_fwd_kernel
+from .common import (  # noqa: F401
     DTYPES,
     ELEM,
     LOG2E,
@@ -30,7 +29,7 @@ from .triton_common import (  # noqa: F401
     compilable,
     count_tiles,
 )
-from .triton_spec import SMEM_LIMITS, TARGETS, AotSpec, register_specs
+from .spec import SMEM_LIMITS, TARGETS, AotSpec, register_specs
 
 # Autotune varies only these; tile sizes come from the schedule.
 TUNE_CONFIGS = ((4, 2), (4, 3), (8, 3), (8, 4))
@@ -141,11 +140,11 @@ def _check_schedule(q, k, schedule: Schedule) -> None:
             raise ValueError(f"schedule.{name} must be {want}, got {t.dtype}")
 
 
-def attention_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_mass: bool, want_lse: bool):
-    """(out [B,Hq,Nq,D] in q's dtype, mass fp32 [B,Hq,Nq] | None, lse fp32 [B,Hq,Nq] | None)."""
-    if triton_decode.use_decode_path(q, k):
-        return triton_decode.decode_forward(q, k, v, schedule, softmax_scale, want_mass, want_lse)
+def prefill_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_mass: bool, want_lse: bool):
+    """(out [B,Hq,Nq,D] in q's dtype, mass fp32 [B,Hq,Nq] | None, lse fp32 [B,Hq,Nq] | None).
 
+    One program per (query tile, head): for many queries. Few queries against a long cache
+    go to the split-KV decode kernel instead (ops/attention.py routes)."""
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     check_supported("triton attention", q.dtype, d)

@@ -5,7 +5,7 @@ schedule lists for its query tile: first the *full* ones, where every entry is
 allowed and no mask is built, then the *partial* ones, masked from the token
 kinds. Key tiles listed in neither are never loaded.
 
-Non-finite inputs follow the torch backend's rules (ops/torch_backend.py), here and in
+Non-finite inputs follow the torch backend's rules (ops/pytorch/attention.py), here and in
 the decode and visual-mass kernels: NaN/inf in q spoils only that query's row; in k at
 key j, exactly the rows allowed to attend j (masked scores become -inf first); in v at
 key j, the rows attending j and possibly other rows that share a key tile with j
@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_masks import FROZEN, LN2_C, PAD, VISUAL, policy_allowed
+from .masks import FROZEN, LN2_C, PAD, VISUAL, policy_allowed
 
 # Finite stand-in for the running max: a row that has seen only masked entries keeps
 # m = -1e30, so exp2(m_old - m_new) is exp2(0) = 1 instead of exp2(-inf + inf) = NaN.

@@ -25,7 +25,7 @@ import bisect
 
 import torch
 
-from ..kinds import KIND_PAD, KIND_TEXT, KIND_VISUAL
+from ...kinds import KIND_PAD, KIND_TEXT, KIND_VISUAL
 
 _KEY_CHUNK = 512
 _SCORE_BUDGET = 1 << 22  # fp32 score elements per step: bounds the working set to ~16 MiB per temporary

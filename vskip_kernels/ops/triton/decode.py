@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kinds import POLICY_CODES
-from ..schedule import Schedule
-from .triton_common import (
+from ...kinds import POLICY_CODES
+from ...schedule import Schedule
+from .common import (
     BLOCK_DS,
     DTYPES,
     LOG2E,
@@ -37,7 +37,7 @@ from .triton_common import (
     split_block_n,
     split_count,
 )
-from .triton_masks import (
+from .masks import (
     FROZEN,
     PAD,
     VISUAL,
@@ -45,7 +45,7 @@ from .triton_masks import (
     masked_softmax_step,
     policy_allowed,
 )
-from .triton_spec import AotSpec, register_specs
+from .spec import AotSpec, register_specs
 
 # Decode rows are (query head, query) pairs of one KV head; more than this many
 # rows are spread over several programs (row blocks) that each re-read K/V.

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kinds import KIND_PAD, KIND_TEXT, POLICY_CODES
-from .triton_common import (
+from ...kinds import KIND_PAD, KIND_TEXT, POLICY_CODES
+from .common import (
     BLOCK_DS,
     DTYPES,
     LOG2E,
@@ -38,7 +38,7 @@ from .triton_common import (
     split_block_n,
     split_count,
 )
-from .triton_masks import (
+from .masks import (
     DENSE,
     PAD,
     TEXT,
@@ -48,7 +48,7 @@ from .triton_masks import (
     masked_softmax_step,
     policy_allowed,
 )
-from .triton_spec import AotSpec, register_specs
+from .spec import AotSpec, register_specs
 
 _BIG = 1 << 30
 CPU_SPLITS = 3  # interpreter: a small fixed split count so tests cross split boundaries

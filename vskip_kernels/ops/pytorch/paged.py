@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kinds import KIND_PAD, KIND_TEXT, KIND_VISUAL, POLICIES
+from ...kinds import KIND_PAD, KIND_TEXT, KIND_VISUAL, POLICIES
 
 _ROW_CHUNK = 256  # query rows per step
 _BLOCKS_PER_STEP = 8  # cache blocks per online-softmax step

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kinds import LN2, Policy, TokenKind
+from ...kinds import LN2, Policy, TokenKind
 
 # Kernels may read module globals only as constexprs: these are kinds.py's codes.
 PAD = tl.constexpr(int(TokenKind.PAD))
