@@ -1,4 +1,4 @@
-"""Launcher of the block-sparse prefill attention kernel (``triton_attention_kernel``).
+"""Launcher of the block-sparse prefill attention kernel (``attention_kernel.py``).
 
 Also the public home of the debug tile counter (``count_tiles``, kept in
 ``triton_common`` with the other pieces the Triton launchers share) every Triton

@@ -280,7 +280,7 @@ def _split_signature(dt: str) -> dict:
 def aot_specs() -> list[AotSpec]:
     """Every tile shape the visual-mass kernels launch with.
 
-    As in triton_decode: the head dim is a runtime mask bound (one kernel per
+    As in triton/decode.py: the head dim is a runtime mask bound (one kernel per
     padded width), fp16 covers every row block, bf16 (same width, same shared
     memory) and fp32 are compiled once per width at their largest tile, and the
     mask constexprs are compiled at their heaviest setting (vskip with self
