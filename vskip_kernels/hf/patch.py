@@ -147,11 +147,7 @@ def _call_visual(state: SkipState, args, kwargs) -> None:
         # A token fed back on a decode step is text even when the model emitted a placeholder id:
         # without pixel inputs the model gives it the id's text embedding, not visual features.
         generated = past > 0 and n == 1 and not compat.has_visual_inputs(kwargs)
-        if state.visual_ids and not generated:
-            ids = torch.tensor(state.visual_ids, device=input_ids.device, dtype=input_ids.dtype)
-            new = torch.isin(input_ids, ids)
-        else:
-            new = torch.zeros(b, n, dtype=torch.bool, device=input_ids.device)
+        new = state.visual_rule.is_visual(input_ids, generated)
     if full is None:
         assert new is not None  # set above whenever full is not
         if past == 0:

@@ -13,6 +13,7 @@ from ..ops.attention import default_block_sizes
 from ..ops.dispatch import resolve_backend
 from ..plan import SkipPlan
 from ..schedule import plan_schedule
+from ..visual_tokens import VisualTokenRule
 
 
 class VisualMassRecorder:
@@ -31,6 +32,7 @@ class SkipState:
         self.plan = plan
         self.backend = backend
         self.visual_ids = visual_ids
+        self.visual_rule = VisualTokenRule(visual_ids)
         # Modality of every position the cache holds (plus the current call's), [B, L] bool.
         self.history: torch.Tensor | None = None
         self.in_call = False

@@ -10,8 +10,8 @@ step's ``slot_mapping`` right before the forward that writes the slot's K/V. So:
   computed (a cached block is only reused for the same tokens and images, which its hash
   covers), so a cache hit knows its visual positions without recomputing them.
 
-A prompt token is visual when its id is one of the model's image/video placeholder ids, as in
-the Hugging Face integration; generated tokens are text. A row is a *decode row* when its position is at or past the
+A prompt token is visual when its id is one of the model's image/video placeholder ids, and
+generated tokens are text: ``visual_tokens.VisualTokenRule``, shared with the HF integration. A row is a *decode row* when its position is at or past the
 request's prompt length: it is a generated token. The last chunk of a chunked prompt, or the
 one prompt token left after a prefix-cache hit, is a prefill row even when it is one token.
 """
@@ -23,6 +23,7 @@ import torch
 
 from ..kinds import KIND_TEXT, KIND_VISUAL
 from ..plan import SkipPlan
+from ..visual_tokens import VisualTokenRule
 
 
 @dataclass
@@ -47,7 +48,7 @@ class ModelState:
         self.bypass = set(plan.decode_bypass_layers)
         self.step: StepInfo | None = None
         self._slot_kinds: dict[int, torch.Tensor] = {}  # data_ptr of the kv cache tensor -> kinds per slot
-        self._visual_ids_t: torch.Tensor | None = None
+        self.visual_rule = VisualTokenRule(visual_ids)
         # steps seen, by kind (tests and logs read these): prefill-only, mixed, pure decode
         self.step_counts = {"prefill": 0, "mixed": 0, "decode": 0}
 
@@ -61,12 +62,8 @@ class ModelState:
             self._slot_kinds[key] = t
         return t
 
-    def token_kinds(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if not self.visual_ids:
-            return torch.full(input_ids.shape, KIND_TEXT, dtype=torch.int8, device=input_ids.device)
-        if self._visual_ids_t is None or self._visual_ids_t.device != input_ids.device:
-            self._visual_ids_t = torch.tensor(self.visual_ids, dtype=input_ids.dtype, device=input_ids.device)
-        vis = torch.isin(input_ids, self._visual_ids_t.to(input_ids.dtype))
+    def token_kinds(self, input_ids: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        vis = self.visual_rule.is_visual(input_ids, generated)
         return torch.where(vis, KIND_VISUAL, KIND_TEXT).to(torch.int8)
 
     def begin_step(self, input_ids: torch.Tensor, num_tokens: int, rows: int, decode_rows: torch.Tensor,
@@ -74,10 +71,7 @@ class ModelState:
         """input_ids [>= num_tokens]: the step's token ids; decode_rows bool [num_tokens];
         slot_writes: (kv_cache, slot_mapping, num_slots) per distinct cache of the decoder layers."""
         kinds = torch.full((rows,), KIND_TEXT, dtype=torch.int8, device=input_ids.device)
-        kinds[:num_tokens] = self.token_kinds(input_ids[:num_tokens])
-        # A generated token is text even when the model emitted a placeholder id: vLLM (like
-        # transformers) gives it the id's text embedding, not visual features.
-        kinds[:num_tokens][decode_rows.to(kinds.device)] = KIND_TEXT
+        kinds[:num_tokens] = self.token_kinds(input_ids[:num_tokens], decode_rows)
         for kv_cache, slot_mapping, num_slots in slot_writes:
             sk = self.slot_kinds_for(kv_cache, num_slots)
             slots = slot_mapping[:num_tokens].long().to(sk.device)
