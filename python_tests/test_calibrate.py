@@ -241,3 +241,10 @@ def test_diagnostics_match_eager_and_hidden_states(batch):
             for l in range(LAYERS)]
     assert res["visual_attention_ratio"] == pytest.approx(want, abs=ATOL)
     assert res["num_samples"] == 2
+
+
+def test_progress_bars_stay_silent_when_stderr_is_not_a_terminal(llava, batch, capfd):
+    """CI logs get no bars (and never nested ones printed line after line)."""
+    calibrate(llava, [batch], "vig", budget=1, progress=True)
+    err = capfd.readouterr().err
+    assert "calibrate[" not in err and "it/s" not in err, err[-500:]

@@ -37,13 +37,14 @@ def lowest(scores: list[float], k: int) -> list[int]:
 
 
 def progress(iterable, enabled: bool, desc: str, total: int | None = None):
+    """One bar per task on a terminal; nothing when stderr is not one (CI logs, pipes)."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
 
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
 
 
 def model_device(model) -> torch.device:

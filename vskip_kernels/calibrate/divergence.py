@@ -71,9 +71,8 @@ def kl_scores(model, handle, layers, lm, batches, *, policy: str, num_samples: i
             with layer_calls(layers) as (calls, final):
                 model(**batch, use_cache=False)
             ref = logp(final[0], last)
-            per_layer = progress(range(num), show_progress, f"  {name} layers")
             with handle.visual_context(is_vis, batch["attention_mask"]):
-                for l in per_layer:
+                for l in range(num):
                     handle.set_plan(plans[l])
                     h = calls[l][0]
                     for j in range(l, num):
