@@ -27,7 +27,7 @@ CHAT_TEMPLATE = (
 )
 # Default architecture: 12 decoder layers so that which layers a plan picks matters.
 ARCH = dict(layers=12, hidden=64, heads=4, kv_heads=2, ffn=192, vision_hidden=64, vision_layers=2, vision_heads=2,
-            vision_ffn=128, initializer_range=0.08, vision_initializer_range=0.1)
+            vision_ffn=128, initializer_range=0.08, vision_initializer_range=0.02)
 
 
 def word_tokens() -> list[str]:
