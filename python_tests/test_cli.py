@@ -136,8 +136,8 @@ def test_bench_runner_is_found():
 
 def test_demo_end_to_end(capsys):
     """The demo on the shipped model, on a small subset so CI stays within minutes."""
-    rc, stdout, err = _run(capsys, "demo", "--calibration-samples", "8", "--eval-samples", "16", "--budgets", "3",
-                           "--no-progress")
+    rc, stdout, err = _run(capsys, "demo", "--quick", "--calibration-samples", "8", "--eval-samples", "16",
+                           "--budgets", "3", "--no-progress")
     assert rc == 0, err
     lines = stdout.strip().splitlines()
     assert "12 decoder layers, 64 visual tokens per image" in lines[0]
