@@ -141,7 +141,7 @@ def test_demo_end_to_end(capsys):
     assert rc == 0, err
     lines = stdout.strip().splitlines()
     assert "12 decoder layers, 64 visual tokens per image" in lines[0]
-    header = next(i for i, line in enumerate(lines) if line.startswith("mode"))
+    header = next(i for i, line in enumerate(lines) if line.startswith("mode "))
     end = next(i for i, line in enumerate(lines) if line.startswith("per-layer scores"))
     table = [line.split() for line in lines[header + 1:end]]
     assert [(r[0], r[1]) for r in table] == [("dense", "-")] + [

@@ -163,10 +163,10 @@ def run_demo(*, quick: bool = False, calibration_samples: int | None = None, eva
 
 def print_table(rows: list[dict], out=print) -> None:
     dense = rows[0]["accuracy"]
-    out(f"{'mode':<14} {'method':<12} {'N':>2} {'layers':<26} {'accuracy':>8} {'vs dense':>8} {'agree':>6} "
+    out(f"{'mode':<14} {'method':<12} {'N':>2} {'layers':<34} {'accuracy':>8} {'vs dense':>8} {'agree':>6} "
         f"{'prefill ms':>10} {'decode ms/tok':>13}")
     for r in rows:
-        out(f"{r['mode']:<14} {r['method']:<12} {r['n']:>2} {str(r['layers']):<26} {r['accuracy'] * 100:>7.1f}% "
+        out(f"{r['mode']:<14} {r['method']:<12} {r['n']:>2} {str(r['layers']):<34} {r['accuracy'] * 100:>7.1f}% "
             f"{(r['accuracy'] - dense) * 100:>+7.1f} {r['agreement'] * 100:>5.1f}% {r['prefill_ms']:>10.1f} "
             f"{r['decode_ms_per_token']:>13.2f}")
 
