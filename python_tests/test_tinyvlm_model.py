@@ -7,8 +7,7 @@ import torch
 
 from vskip_kernels.tinyvlm import WEIGHTS_DIR, build_model, build_processor, load_pretrained
 from vskip_kernels.tinyvlm.data import encode_prompts, encode_training
-from vskip_kernels.tinyvlm.evaluate import (accuracy, generate_answers, question_prior_accuracy,
-                                            teacher_forced_correct)
+from vskip_kernels.tinyvlm.evaluate import accuracy, generate_answers, question_prior_accuracy, teacher_forced_correct
 from vskip_kernels.tinyvlm.task import chance_accuracy, samples
 
 EVAL = 500  # the evaluation subset the README and training.json report on

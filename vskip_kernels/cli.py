@@ -330,7 +330,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except Exception as exc:  # noqa: BLE001 - one readable line unless --debug
+    except Exception as exc:
         if args.debug:
             raise
         msg = str(exc).strip().splitlines()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -125,13 +126,14 @@ def run_demo(*, quick: bool = False, calibration_samples: int | None = None, eva
         for method in (metric,) + BASELINES:
             plan = calibrate(model, cal, method, budget=budgets[-1], seed=seed, max_new_tokens=tokens,
                              progress=progress, target=mode)
+            assert plan.scores is not None  # calibrate always scores every layer
             scores[(mode, method)] = plan.scores
 
     plans = [("dense", "-", 0, SkipPlan(num_layers=num))]
     for (mode, method), sc in scores.items():
         for n in budgets:
-            plans.append((mode, method, n, SkipPlan(num_layers=num, method=method, budget=n, scores=sc,
-                                                    **{TARGET_FIELDS[mode]: lowest(sc, n)})))
+            layers: dict[str, Any] = {TARGET_FIELDS[mode]: lowest(sc, n)}
+            plans.append((mode, method, n, SkipPlan(num_layers=num, method=method, budget=n, scores=sc, **layers)))
     rows = []
     bar = _bar(len(plans), progress, "evaluating plans")
     handle = apply_skip_plan(model, plans[0][3])

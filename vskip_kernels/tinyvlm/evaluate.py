@@ -58,7 +58,8 @@ def teacher_forced_correct(model, processor, batch: list[Sample], *, text_only: 
 
 def accuracy(model, processor, split, start: int, count: int, batch_size: int = 64) -> dict:
     """Greedy-decoding accuracy overall and per question type on samples [start, start+count)."""
-    right, total = Counter(), Counter()
+    right: Counter[str] = Counter()
+    total: Counter[str] = Counter()
     data = samples(split, start, count)
     for i in range(0, len(data), batch_size):
         chunk = data[i:i + batch_size]

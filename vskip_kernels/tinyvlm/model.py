@@ -96,7 +96,7 @@ def build_config(num_layers: int | None = None, **arch):
                               num_hidden_layers=a["vision_layers"], num_attention_heads=a["vision_heads"],
                               image_size=IMAGE, patch_size=PATCH,
                               initializer_range=a["vision_initializer_range"])
-    return LlavaConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,  # type: ignore[call-arg]
                        vision_feature_select_strategy="default", vision_feature_layer=-1, pad_token_id=PAD)
 
 

@@ -12,8 +12,12 @@ the same image, question and answer, on any machine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE = 64
 GRID = 4
@@ -161,7 +165,7 @@ def samples(split, start: int, count: int) -> list[Sample]:
     return [sample(split, start + i) for i in range(count)]
 
 
-def render(shapes) -> "Image.Image":
+def render(shapes) -> Image.Image:
     """The scene as a 64 x 64 RGB PIL image."""
     from PIL import Image, ImageDraw
 
