@@ -63,14 +63,16 @@ def attention_ref(
 ):
     """Returns (out [B,Hq,Nq,D] in q's dtype, visual_mass [B,Hq,Nq] fp32, lse [B,Hq,Nq] fp32).
 
-    upcast=True computes in fp32 (the accuracy reference); upcast=False keeps the
-    input dtype for scores, softmax and the PV product, which is how far a plain
-    low-precision implementation drifts (the tolerance yardstick).
+    upcast=True computes in a wider type than the input (fp32 for fp16/bf16, fp64 for
+    fp32: the accuracy reference); upcast=False keeps the input dtype for scores,
+    softmax and the PV product, which is how far a plain implementation in that dtype
+    drifts (the tolerance yardstick; for fp32 inputs it is then a real one, not zero).
     Empty rows: out 0, visual_mass 0, lse -inf.
     """
     dtype = q.dtype
     if upcast:
-        q, k, v = q.float(), k.float(), v.float()
+        wide = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+        q, k, v = q.to(wide), k.to(wide), v.to(wide)
     hq, nq, d = q.shape[1], q.shape[2], q.shape[3]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     k, v = _expand_kv(k, hq), _expand_kv(v, hq)
@@ -78,7 +80,7 @@ def attention_ref(
     scores = torch.matmul(q * scale, k.transpose(-1, -2)) if not upcast else torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     row_any = allowed.any(-1)  # [B,1,Nq]
-    s32 = scores.float()
+    s32 = scores if scores.dtype == torch.float64 else scores.float()  # statistics in >= fp32
     lse = torch.logsumexp(s32, dim=-1)
     lse = torch.where(row_any, lse, torch.full_like(lse, float("-inf")))
     probs = torch.softmax(scores, dim=-1)
