@@ -128,3 +128,22 @@ def test_cache_without_layered_api_is_a_named_error():
 
     with pytest.raises(compat.TransformersCompatError, match=r"\.layers"):
         compat.cache_layer_length(NoLayers(), 0)
+
+
+def test_reading_the_output_cache_logs_no_deprecation(monkeypatch):
+    """Outputs of 5.24 answer `past_key_values` with a deprecation warning; the patch must not ask."""
+    from transformers.utils import logging as hf_logging
+
+    logged = []
+    logger = hf_logging.get_logger("transformers.utils.generic")
+    monkeypatch.setattr(logger, "warning_once", lambda msg, *a, **k: logged.append(str(msg)))
+    monkeypatch.setattr(logger, "warning", lambda msg, *a, **k: logged.append(str(msg)))
+    model = H.tiny_llama()
+    handle = apply_skip_plan(model, SkipPlan(num_layers=3, decode_bypass_layers=[2]), backend="torch")
+    with torch.no_grad():
+        for use_cache in (True, False):
+            out = model(input_ids=torch.tensor([[3, 4, 5]]), use_cache=use_cache)
+            assert (compat.output_cache(out) is not None) == use_cache
+        model.generate(input_ids=torch.tensor([[3, 4, 5]]), max_new_tokens=3, do_sample=False)
+    handle.remove()
+    assert not [m for m in logged if "deprecated" in m], logged

@@ -122,19 +122,17 @@ def set_cache(kwargs: dict, cache) -> dict:
 
 
 def output_cache(output):
-    """The cache a model output carries (``.cache`` from 5.24, ``.past_key_values`` before)."""
+    """The cache a model output carries (``.cache`` from 5.24, ``.past_key_values`` before).
+
+    Reads only the field the output really has: asking a 5.24 output for
+    ``past_key_values`` works but logs a deprecation warning."""
     if output is None:
         return None
-    if isinstance(output, dict):  # ModelOutput is a dict too: read it without deprecation warnings
-        for n in CACHE_NAMES:
-            if output.get(n) is not None:
-                return output[n]
-        return None
-    for n in CACHE_NAMES:
-        v = getattr(output, n, None)
-        if v is not None:
-            return v
-    return None
+    if isinstance(output, dict):  # ModelOutput: its stored keys are the release's own names
+        keys = output.keys()
+        return next((output[n] for n in CACHE_NAMES if n in keys and output[n] is not None), None)
+    fields = getattr(output, "__dict__", {})
+    return next((fields[n] for n in CACHE_NAMES if fields.get(n) is not None), None)
 
 
 # -- cache contents -----------------------------------------------------------------------
