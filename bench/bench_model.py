@@ -17,15 +17,11 @@ import gc
 import torch
 
 from vskip_kernels import SkipPlan
+from vskip_kernels.hf.compat import cache_kwargs  # generate()'s cache keyword (renamed in 5.24)
 
 from .common import check, checkpoint, fill_speedups, find, free_memory, result_entry, summarize, wall_ms
 from .model_configs import MODEL_CASES, SMOKE_MODEL_CASES, build_model, input_ids_for, text_config
 
-try:  # the keyword generate() takes the cache under (renamed in transformers 5.24)
-    from vskip_kernels.hf.compat import cache_kwargs
-except ImportError:  # a package from before the compat module: the name every release up to 5.23 takes
-    def cache_kwargs(cache) -> dict:
-        return {"past_key_values": cache}
 
 DENSE = "dense (sdpa)"
 VSKIP_N, SHORTV_N, FLASHVLM_R = 19, 19, 0.2
