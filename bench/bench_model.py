@@ -22,7 +22,6 @@ from vskip_kernels.hf.compat import cache_kwargs  # generate()'s cache keyword (
 from .common import check, checkpoint, fill_speedups, find, free_memory, result_entry, summarize, wall_ms
 from .model_configs import MODEL_CASES, SMOKE_MODEL_CASES, build_model, input_ids_for, text_config
 
-
 DENSE = "dense (sdpa)"
 VSKIP_N, SHORTV_N, FLASHVLM_R = 19, 19, 0.2
 
