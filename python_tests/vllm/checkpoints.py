@@ -55,14 +55,21 @@ def _nest_clip_keys(path: str) -> None:
     save_file(out, f, metadata={"format": "pt"})
 
 
+def _save_model(path: str, factory, seed: int, layers: int, clip_tower: bool):
+    """A tiny random model of ``factory`` saved to ``path`` as vLLM loads it."""
+    model = factory(seed=seed, layers=layers, head_dim=HEAD_DIM)
+    model.config.text_config.max_position_embeddings = 2048
+    model.save_pretrained(path)
+    if clip_tower:
+        _nest_clip_keys(path)
+    return model
+
+
 def build_llava(path: str, seed: int = 0, layers: int = LAYERS) -> str:
     """LLaVA-1.5 (CLIP tower, Llama decoder); 8x8 images -> 4 image tokens."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    model = hm.tiny_llava(seed=seed, layers=layers, head_dim=HEAD_DIM)
-    model.config.text_config.max_position_embeddings = 2048
-    model.save_pretrained(path)
-    _nest_clip_keys(path)
+    _save_model(path, hm.tiny_llava, seed, layers, clip_tower=True)
     tok = _tokenizer()
     ip = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}, do_center_crop=True,
                             do_convert_rgb=True)
@@ -75,10 +82,7 @@ def build_llava_next(path: str, seed: int = 0, layers: int = LAYERS) -> str:
     """LLaVA-NeXT (anyres tiling over 8x8 tiles, image newline tokens)."""
     from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
-    model = hm.tiny_llava_next(seed=seed, layers=layers, head_dim=HEAD_DIM)
-    model.config.text_config.max_position_embeddings = 2048
-    model.save_pretrained(path)
-    _nest_clip_keys(path)
+    model = _save_model(path, hm.tiny_llava_next, seed, layers, clip_tower=True)
     tok = _tokenizer()
     ip = LlavaNextImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8},
                                  image_grid_pinpoints=model.config.image_grid_pinpoints, do_center_crop=True)
@@ -90,9 +94,7 @@ def build_llava_next(path: str, seed: int = 0, layers: int = LAYERS) -> str:
 def _build_qwen(path: str, factory, processor_cls, seed: int, layers: int) -> str:
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    model = factory(seed=seed, layers=layers, head_dim=HEAD_DIM)
-    model.config.text_config.max_position_embeddings = 2048
-    model.save_pretrained(path)
+    _save_model(path, factory, seed, layers, clip_tower=False)
     tok = _tokenizer({"<image>": "<|image_pad|>", "<video>": "<|video_pad|>", "<vs>": "<|vision_start|>",
                       "<ve>": "<|vision_end|>"})
     ip = Qwen2VLImageProcessor(patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 4)

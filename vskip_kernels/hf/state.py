@@ -9,7 +9,6 @@ from collections import defaultdict
 
 import torch
 
-from ..ops.attention import default_block_sizes
 from ..ops.dispatch import resolve_backend
 from ..plan import SkipPlan
 from ..schedule import plan_schedule
@@ -31,7 +30,6 @@ class SkipState:
     def __init__(self, plan: SkipPlan, backend: str, visual_ids: list[int]):
         self.plan = plan
         self.backend = backend
-        self.visual_ids = visual_ids
         self.visual_rule = VisualTokenRule(visual_ids)
         # Modality of every position the cache holds (plus the current call's), [B, L] bool.
         self.history: torch.Tensor | None = None
@@ -114,8 +112,7 @@ class SkipState:
         key = (policy, nq, nk, query.shape[3], query.dtype, query.device)
         sched = self.schedules.get(key) if self.in_call else None
         if sched is None:
-            bm, bn = default_block_sizes(query, "triton")
-            sched = plan_schedule(is_visual, mask, nq=nq, policy=policy, visual_self=True, block_m=bm, block_n=bn)
+            sched = plan_schedule(is_visual, mask, nq=nq, policy=policy, visual_self=True, like=query)
             if self.in_call:
                 self.schedules[key] = sched
         return sched

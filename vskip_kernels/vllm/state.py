@@ -42,7 +42,6 @@ class ModelState:
 
     def __init__(self, plan: SkipPlan, visual_ids: list[int], layer_names: dict[int, str]):
         self.plan = plan
-        self.visual_ids = list(visual_ids)
         self.layer_names = dict(layer_names)  # decoder layer index -> attention layer name
         self.policies = {i: plan.policy_for(i) for i in layer_names}
         self.bypass = set(plan.decode_bypass_layers)
