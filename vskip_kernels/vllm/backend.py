@@ -14,10 +14,17 @@ other kinds (encoder attention) and modules without a state fall back to the CPU
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from . import compat
 
+# vLLM's CPU backend classes, found at import time (their module moves between releases):
+# static typing cannot see through that, so they are Any to mypy.
+_Base: Any
+_BaseImpl: Any
+_BaseBuilder: Any
 _Base, _BaseImpl, _BaseBuilder = compat.cpu_backend_classes()
 
 

@@ -171,12 +171,11 @@ def _attention_module(layer, idx):
     return attn
 
 
-def attach(runner) -> None:
+def attach(runner, plan: SkipPlan) -> None:
     """After load_model: state on the attention modules, wrappers on frozen/bypassed layers."""
     from .layers import LayerWrapper, check_frozen_capable
     from .state import ModelState
 
-    plan = plan_of(runner.vllm_config)
     model = runner.get_model()
     layers = _decoder_layers(model)
     hf_config = runner.vllm_config.model_config.hf_config
@@ -216,7 +215,7 @@ def _wrap_load_model(orig):
         use_backend(plan is not None)
         result = orig(self, *args, **kwargs)
         if plan is not None:
-            attach(self)
+            attach(self, plan)
         return result
 
     load_model._vskip_wrapped = True
