@@ -17,7 +17,8 @@ with its own time cap, never past what is left of ``--budget``:
 A step that fails or runs out of time is recorded and the next one runs; the benchmark
 runner saves each suite after every shape, so a stopped suite keeps what it measured.
 Everything goes under ``--out`` in at most eight files: ``summary.json``, ``gpu_check.log``,
-``junit-cuda.xml`` and ``results/<suite>-<gpu>-<time>.json`` (one per benchmark step; copy
+``junit-cuda.xml`` and ``results/<suite>-<gpu>-<time>.json`` (one per benchmark step, run as
+``python -m vskip_kernels.bench``, i.e. ``vskip bench``, on this checkout's package; copy
 them to bench/results and run bench/make_table.py, which combines the parts). A compact summary is printed at the end.
 
 ``--smoke`` rehearses the same steps on CPU: the install is a dry run, the CUDA tests are
@@ -41,8 +42,9 @@ from dataclasses import dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# What each benchmark step runs on a GPU, in priority order (names checked against bench/cases.py
-# and bench/model_configs.py by the tests, so a renamed shape fails in CI, not on the GPU).
+# What each benchmark step runs on a GPU, in priority order (names checked against
+# vskip_kernels/bench/cases.py and model_configs.py by the tests, so a renamed shape fails in
+# CI, not on the GPU).
 ATTENTION_SHAPES = ("llava-next-7b", "qwen25vl-7b-video32k", "llava-ov-7b", "llava15-7b")
 MASS_SHAPES = ("mass-n3000", "mass-n32768", "mass-n8000", "mass-n651")
 TTFT_MODELS = ("llava-next-7b", "qwen2.5-vl-7b-video32k")  # ShortV, ShortV + V-Skip, V-Skip TTFT targets
@@ -52,6 +54,9 @@ MODELS = TTFT_MODELS + DECODE_MODELS
 # Fewer timed calls than the runner's defaults: CUDA events make 10 enough, and the lease is short.
 KERNEL_TIMING = ("--warmup", "3", "--repeats", "10")
 MODEL_TIMING = ("--model-repeats", "2", "--max-new-tokens", "32")
+
+# the benchmark runner (`vskip bench`), run on this checkout's package (PYTHONPATH, see child_env)
+BENCH_MODULE = ("-m", "vskip_kernels.bench")
 
 DEFAULT_BUDGET_S = 540  # fits a 10-minute command with room for the summary
 GRACE_S = 10  # after the cap: SIGINT, SIGTERM, SIGKILL, half of this apart
@@ -89,7 +94,7 @@ def plan_steps(args) -> list[Step]:
     """The steps of this run, in order (before --only/--skip)."""
     py, smoke = args.python, args.smoke
     results = os.path.join(args.out, "results")
-    bench = [py, os.path.join("bench", "run.py")]
+    bench = [py, *BENCH_MODULE]
     common = ["--out", results] + (["--smoke"] if smoke else [])
     steps = []
 
@@ -137,6 +142,11 @@ def plan_steps(args) -> list[Step]:
                       "model level, CUDA-graph decode target: " + ", ".join(DECODE_MODELS), needs_gpu=True,
                       min_s=90))
     return steps
+
+
+def is_benchmark(step: Step) -> bool:
+    """Whether the step runs a benchmark suite (and so must write a result file)."""
+    return tuple(step.argv[1:3]) == BENCH_MODULE
 
 
 def select(steps: list[Step], only, skip) -> list[Step]:
@@ -413,7 +423,7 @@ def judge(step: Step, rc, timed_out, seconds, tail, args, before: set) -> Outcom
             parts.append(f"{r['cases']} cases{'' if r['complete'] else ' (partial)'}, "
                          f"targets {r['checks_pass']} met / {len(r['checks_fail'])} missed")
         out.detail = "; ".join(parts)
-    elif step.argv[1:2] == [os.path.join("bench", "run.py")] and status == "ok":
+    elif is_benchmark(step) and status == "ok":
         out.status, out.detail = "failed", "exited 0 but wrote no result file"
     if out.status in ("failed", "timeout") and not out.detail:
         out.detail = tail[-1][:160] if tail else ""

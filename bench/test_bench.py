@@ -2,15 +2,15 @@
 
 Real model shapes and the triton backend on a GPU; the smoke shapes and the torch
 backend on CPU (the triton kernels only run in Triton's interpreter there). These
-report timings, they assert none. The JSON suites (bench/run.py) are the source
-of the README numbers; this file is for quick comparisons with pytest-benchmark's
+report timings, they assert none. The JSON suites (``vskip bench``, vskip_kernels/bench/)
+are the source of the README numbers; this file is for quick comparisons with pytest-benchmark's
 tooling (--benchmark-compare, --benchmark-histogram).
 """
 import pytest
 import torch
 
 import vskip_kernels as vk
-from bench import baselines, cases
+from vskip_kernels.bench import baselines, cases
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -40,7 +40,7 @@ def _setup(shape, nq=None):
 
 
 def _decode_setup(n):
-    """One new query against a cache of ``n`` positions, heads as in bench_decode."""
+    """One new query against a cache of ``n`` positions, heads as in the decode suite."""
     shape = cases.AttnShape(f"decode-n{n}", "decode", *((28, 4, 128) if CUDA else (4, 2, 16)),
                             cases.one_image(n - cases.SYS - cases.PROMPT))
     return _setup(shape, nq=1)

@@ -9,23 +9,17 @@ cuda-marked: skipped without a GPU, run by ``pytest python_tests -m cuda`` and
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import pytest
 import torch
 from _shared import assert_rule, build_layout
 
 from vskip_kernels import SkipPlan
+from vskip_kernels.bench import baselines
+from vskip_kernels.bench import model as bm
+from vskip_kernels.bench.model_configs import SMOKE_MODEL_CASES, build_model, input_ids_for, text_config
 from vskip_kernels.hf import apply_skip_plan
 from vskip_kernels.reference import attention_ref, token_kind
-
-# bench/ is a repository folder, not part of the installed package
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import baselines
-from bench import bench_model as bm
-from bench.model_configs import SMOKE_MODEL_CASES, build_model, input_ids_for, text_config
 
 pytestmark = pytest.mark.cuda
 
@@ -146,7 +140,7 @@ def test_patched_decode_step_has_no_graph_break():
 def test_benchmark_timing_on_cuda():
     """The suites' CUDA timing: one event pair per call (the optional L2 flush outside it),
     and peak memory from the allocator, inputs included."""
-    from bench.common import peak_memory, time_fn
+    from vskip_kernels.bench.common import peak_memory, time_fn
 
     dev = torch.device("cuda")
     a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
 
-    b = sub.add_parser("bench", help="run the benchmark suites (bench/run.py); arguments are passed on",
+    b = sub.add_parser("bench", help="run the benchmark suites (vskip_kernels.bench); arguments are passed on",
                        add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -265,26 +265,10 @@ def cmd_generate(args) -> int:
 
 
 def _load_bench_main():
-    """bench/run.py's main: as module ``bench.run``, else by path from the repository root."""
-    import importlib
-    import importlib.util
+    """The benchmark runner's main (``vskip_kernels.bench.run``, shipped with the package)."""
+    from .bench.run import main
 
-    try:
-        return importlib.import_module("bench.run").main
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("bench", "bench.run"):
-            raise
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "bench", "run.py")
-    if not os.path.isfile(path):
-        raise CLIError("the benchmark suite (bench/run.py) is not available: run `vskip bench` from a "
-                       "source checkout of vskip_kernels")
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    spec = importlib.util.spec_from_file_location("bench.run", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return main
 
 
 def cmd_bench(args) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 import vskip_kernels as vk
-from vskip_kernels.reference import token_kind
+from vskip_kernels.kinds import token_kind
 
 from . import baselines, cases
 from .common import (
@@ -75,8 +75,9 @@ def run_shape(shape: cases.AttnShape, args, device, dtype):
         entries = allowed_entries(kind, nq, policy)
         kw = dict(flops=attention_flops(entries, shape.heads_q, shape.head_dim),
                   dense_flops=attention_flops(dense_entries, shape.heads_q, shape.head_dim))
-        results, skipped = [], []
-        ctx = dict(skipped=skipped, results=results, **kw)
+        results: list[dict] = []
+        skipped: list[dict] = []
+        ctx: dict = dict(skipped=skipped, results=results, **kw)
 
         def ours_fn(backend, s=sched):
             return lambda: vk.modality_attention(q, k, v, is_visual, policy=policy, backend=backend,

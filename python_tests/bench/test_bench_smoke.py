@@ -4,16 +4,13 @@ No timing is asserted; ratios are checked against the measured times they come f
 """
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-# bench/ is a repository folder, not part of the installed package
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import make_table, run
-from bench.common import (
+from vskip_kernels.bench import run
+from vskip_kernels.bench import table as make_table
+from vskip_kernels.bench.common import (
     RESULT_FIELDS,
     allowed_entries,
     attention_flops,
@@ -251,7 +248,7 @@ def test_partial_results_are_saved_and_shown_as_partial(tmp_path):
 
 def test_runner_checkpoints_every_shape(tmp_path, monkeypatch):
     """run.main saves each suite after every shape: a run killed mid-suite leaves a file."""
-    from bench import bench_attention
+    from vskip_kernels.bench import attention as bench_attention
 
     seen = []
     real = bench_attention.run_shape
@@ -285,8 +282,8 @@ def test_static_cache_decode_path_gives_eager_tokens():
 
     from transformers import StaticCache
 
-    from bench import bench_model as bm
-    from bench.model_configs import SMOKE_MODEL_CASES, build_model, input_ids_for, text_config
+    from vskip_kernels.bench import model as bm
+    from vskip_kernels.bench.model_configs import SMOKE_MODEL_CASES, build_model, input_ids_for, text_config
     from vskip_kernels.hf import apply_skip_plan
 
     case = SMOKE_MODEL_CASES[0]

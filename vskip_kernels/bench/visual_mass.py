@@ -16,7 +16,7 @@ import torch
 import vskip_kernels as vk
 
 from . import baselines, cases
-from .bench_attention import OURS_TORCH, OURS_TRITON, triton_usable
+from .attention import OURS_TORCH, OURS_TRITON, triton_usable
 from .common import check, fill_speedups, find, measure, run_shapes
 
 

@@ -15,21 +15,45 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the source tree this package was imported from, when it is one (see source_root)
+_TREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULT_FIELDS = ("backend", "ms_median", "ms_p20", "ms_p80", "tflops", "peak_mem_bytes", "speedup_vs")
 
 
 # ----------------------------------------------------------------------------- environment
 
-def _run(cmd: list[str]) -> str | None:
+def _run(cmd: list[str], cwd: str | None = None) -> str | None:
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=REPO_ROOT)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=cwd)
     except (OSError, subprocess.SubprocessError):
         return None
     return res.stdout.strip() if res.returncode == 0 else None
+
+
+def source_root() -> str | None:
+    """The git work tree this package was imported from (a source checkout or an editable
+    install), else None: an installed copy has no commit of its own to report, even when its
+    site-packages happens to lie inside some git repository."""
+    if not (os.path.isdir(os.path.join(_TREE, "bench")) and os.path.isfile(os.path.join(_TREE, "pyproject.toml"))):
+        return None
+    top = _run(["git", "rev-parse", "--show-toplevel"], cwd=_TREE)
+    if top is None or os.path.realpath(top) != os.path.realpath(_TREE):
+        return None
+    return _TREE
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the source checkout; off a checkout the commit named by
+    ``VSKIP_GIT_COMMIT`` (a copy of the tree without .git, e.g. on a device machine) or None,
+    and dirty None. Never raises."""
+    root = source_root()
+    commit = _run(["git", "rev-parse", "HEAD"], cwd=root) if root else None
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root) if root else None
+    return commit or os.environ.get("VSKIP_GIT_COMMIT") or None, None if status is None else bool(status)
 
 
 def _version(mod: str) -> str | None:
@@ -59,12 +83,11 @@ def environment(device: torch.device) -> dict:
         "flash_attn": _version("flash_attn"),
         "vskip_kernels": _version("vskip_kernels"),
         # a copy of the tree without .git (a device machine) names its commit in VSKIP_GIT_COMMIT
-        "git_commit": _run(["git", "rev-parse", "HEAD"]) or os.environ.get("VSKIP_GIT_COMMIT") or None,
+        "git_commit": None,
         "git_dirty": None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }
-    status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
-    env["git_dirty"] = None if status is None else bool(status)
+    env["git_commit"], env["git_dirty"] = git_state()
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         env["gpu"] = torch.cuda.get_device_name(idx)
@@ -150,7 +173,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     return summarize(samples)
 
 
-def wall_ms(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+def wall_ms(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     """Host wall time of one call that synchronizes (e.g. generate), in ms, and its result."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

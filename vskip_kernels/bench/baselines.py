@@ -11,7 +11,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from vskip_kernels.reference import allowed_mask
+from vskip_kernels.flex import mask_mod_from_kind
+from vskip_kernels.kinds import token_kind
 
 
 def flash_attn_module():
@@ -25,8 +26,16 @@ def flash_attn_module():
 
 
 def bool_mask(is_visual, nq, policy, visual_self=True):
-    """[B, 1, Nq, Nk] bool, True = attend: the explicit mask SDPA and eager baselines get."""
-    return allowed_mask(is_visual, None, nq, policy, visual_self)[:, None]
+    """[B, 1, Nq, Nk] bool, True = attend: the explicit mask SDPA and eager baselines get.
+
+    The library's FlexAttention ``mask_mod`` evaluated on broadcast index grids (the same
+    mask as ``reference.allowed_mask``, which production code, this package included, does
+    not import; python_tests/bench checks the two agree)."""
+    b, nk = is_visual.shape
+    dev = is_visual.device
+    mod = mask_mod_from_kind(token_kind(is_visual), policy, nq=nq, visual_self=visual_self)
+    return mod(torch.arange(b, device=dev)[:, None, None], None, torch.arange(nq, device=dev)[None, :, None],
+               torch.arange(nk, device=dev)[None, None, :])[:, None]
 
 
 def sdpa(q, k, v, mask=None):

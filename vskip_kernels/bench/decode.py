@@ -9,7 +9,7 @@ from __future__ import annotations
 import vskip_kernels as vk
 
 from . import baselines, cases
-from .bench_attention import OURS_TORCH, OURS_TRITON, block_sizes, triton_usable
+from .attention import OURS_TORCH, OURS_TRITON, block_sizes, triton_usable
 from .common import checkpoint, fill_speedups, find, measure
 
 

@@ -1,7 +1,10 @@
 """bench/gpu_check.py, the one-command GPU run, kept from rotting on CPU: its plan names
 real shapes and models, steps fail soft and stop at their caps, the budget is kept, and
 the --smoke rehearsal's core (dry-run install without an index, versions, one benchmark
-suite) runs end to end and writes what a GPU session brings back."""
+suite) runs end to end and writes what a GPU session brings back.
+
+gpu_check.py is a repository script (the ``gpu_check`` fixture of conftest.py loads it);
+the suites it runs are the package's."""
 import json
 import os
 import sys
@@ -9,14 +12,12 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # bench/ is a repository folder, not part of the installed package
-
-from bench import bench_attention, cases, gpu_check, run
-from bench.model_configs import MODEL_CASES
+from vskip_kernels.bench import attention as bench_attention
+from vskip_kernels.bench import cases, run
+from vskip_kernels.bench.model_configs import MODEL_CASES
 
 
-def _args(tmp_path, *extra):
+def _args(gpu_check, tmp_path, *extra):
     args = gpu_check.build_parser().parse_args(["--out", str(tmp_path), *extra])
     args.out = str(tmp_path)
     args.pytest_workers = 0 if args.pytest_workers is None else args.pytest_workers
@@ -25,32 +26,33 @@ def _args(tmp_path, *extra):
 
 
 @pytest.mark.parametrize("smoke", [False, True])
-def test_plan_is_in_priority_order_and_parses(tmp_path, smoke):
-    steps = gpu_check.plan_steps(_args(tmp_path, *(["--smoke"] if smoke else [])))
+def test_plan_is_in_priority_order_and_parses(tmp_path, smoke, gpu_check):
+    steps = gpu_check.plan_steps(_args(gpu_check, tmp_path, *(["--smoke"] if smoke else [])))
     assert [s.name for s in steps] == ["install", "env", "pytest-cuda", "attention", "visual_mass", "decode", "model",
                                        "model-graphs"]
     # what comes back from a device run: at most 8 files (summary, log, junit, one JSON per benchmark step)
-    assert 3 + sum(s.argv[1:2] == [os.path.join("bench", "run.py")] for s in steps) <= 8
+    assert 3 + sum(gpu_check.is_benchmark(s) for s in steps) <= 8
     assert [s.group for s in steps] == sorted(s.group for s in steps)
     assert sum(s.cap_s for s in steps) >= gpu_check.DEFAULT_BUDGET_S  # the budget, not the caps, ends the run
     install = steps[0].argv
     assert install[-1] == ("dry-run" if smoke else "real")
     assert {"--no-deps", "--no-build-isolation", "--no-index"} <= set(gpu_check.PIP_INSTALL)
     for s in steps:
-        if s.argv[1:2] == [os.path.join("bench", "run.py")]:
-            parsed = run.parse_args(s.argv[2:])  # exits on an unknown suite, shape or option
+        if gpu_check.is_benchmark(s):
+            assert s.argv[1:3] == ["-m", "vskip_kernels.bench"]
+            parsed = run.parse_args(s.argv[3:])  # exits on an unknown suite, shape or option
             assert parsed.smoke is smoke
             assert parsed.out == os.path.join(str(tmp_path), "results")
 
 
-def test_benchmark_names_exist():
+def test_benchmark_names_exist(gpu_check):
     assert set(gpu_check.ATTENTION_SHAPES) <= {s.name for s in cases.ATTENTION_SHAPES}
     assert set(gpu_check.MASS_SHAPES) <= {s.name for s in cases.MASS_SHAPES}
     assert set(gpu_check.MODELS) <= {m.name for m in MODEL_CASES}
     # the issue's 32k video shape is in both kernel suites and the model suite
     assert "qwen25vl-7b-video32k" in gpu_check.ATTENTION_SHAPES and "mass-n32768" in gpu_check.MASS_SHAPES
     assert gpu_check.MODELS[:2] == ("llava-next-7b", "qwen2.5-vl-7b-video32k")
-    from bench.bench_model import FLASHVLM_TARGET_MODEL, METHOD_KEYS
+    from vskip_kernels.bench.model import FLASHVLM_TARGET_MODEL, METHOD_KEYS
 
     assert gpu_check.DECODE_MODELS == (FLASHVLM_TARGET_MODEL,)
     assert gpu_check.DECODE_METHODS[:2] == ("dense-sdpa", "flashvlm") and set(gpu_check.DECODE_METHODS) <= set(METHOD_KEYS)
@@ -60,15 +62,15 @@ def test_benchmark_names_exist():
     assert {s.name: s for s in cases.MASS_SHAPES}[gpu_check.MASS_SHAPES[0]].seq_len == 3000
 
 
-def test_only_and_skip_check_names(tmp_path):
-    steps = gpu_check.plan_steps(_args(tmp_path))
+def test_only_and_skip_check_names(tmp_path, gpu_check):
+    steps = gpu_check.plan_steps(_args(gpu_check, tmp_path))
     assert [s.name for s in gpu_check.select(steps, ["env", "model"], None)] == ["env", "model"]
     assert "install" not in [s.name for s in gpu_check.select(steps, None, ["install"])]
     with pytest.raises(SystemExit, match="unknown step"):
         gpu_check.select(steps, ["benchmarks"], None)
 
 
-def test_steps_fail_soft_stop_at_their_cap_and_keep_the_budget(tmp_path, monkeypatch):
+def test_steps_fail_soft_stop_at_their_cap_and_keep_the_budget(tmp_path, monkeypatch, gpu_check):
     py = sys.executable
     fake = [
         gpu_check.Step("ok", "a", 30, [py, "-c", "print('fine')"], "succeeds", min_s=1),
@@ -94,7 +96,7 @@ def test_steps_fail_soft_stop_at_their_cap_and_keep_the_budget(tmp_path, monkeyp
     assert "fine" in log and "boom" in log and "waiting" in log and "cap of 2 s reached" in log and "never" not in log
 
 
-def test_junit_and_result_readers(tmp_path):
+def test_junit_and_result_readers(tmp_path, gpu_check):
     junit = tmp_path / "j.xml"
     junit.write_text(
         '<testsuites><testsuite><testcase classname="m" name="a"/>'
@@ -117,7 +119,7 @@ def test_junit_and_result_readers(tmp_path):
     assert d["skipped"] == ["eager: out of memory: x"]
 
 
-def test_smoke_rehearsal_core(tmp_path):
+def test_smoke_rehearsal_core(tmp_path, gpu_check):
     """The rehearsal's core end to end: install resolved without an index (dry run),
     versions, and one benchmark suite in its own capped process; at most eight files come
     back, none deeper than two folders."""
@@ -136,7 +138,7 @@ def test_smoke_rehearsal_core(tmp_path):
     assert sorted(f for f in files if not f.startswith("results")) == ["gpu_check.log", "summary.json"]
 
 
-def test_stopped_pytest_step_still_reports_its_tests(tmp_path, monkeypatch):
+def test_stopped_pytest_step_still_reports_its_tests(tmp_path, monkeypatch, gpu_check):
     """A test step stopped at its cap is interrupted (SIGINT), so pytest still writes the
     junit report of what ran: a timeout on the GPU does not lose the test results."""
     tests = tmp_path / "t"

@@ -1,1 +1,0 @@
-"""Benchmark suites of vskip_kernels (see bench/README.md). Not installed with the library."""
