@@ -149,7 +149,7 @@ def test_varlen_zero_length_query_sequence():
     (lambda cq, ck: (cq + 1, ck), "cu_seqlens_q must start at 0"),
     (lambda cq, ck: (cq, torch.tensor([0, 12, 8, 24], dtype=torch.int32)), "non-decreasing"),
     (lambda cq, ck: (torch.tensor([0, 9, 9, 10], dtype=torch.int32), ck), "sequence 0 has 9 queries but only 8 keys"),
-])
+], ids=["q_int64", "k_fewer_sequences", "q_not_from_0", "k_decreasing", "more_queries_than_keys"])
 def test_varlen_bad_cu_seqlens(mutate, match):
     q, k, v, vis, cq, ck = packed([3, 4, 3], [8, 8, 8])
     cq, ck = mutate(cq, ck)

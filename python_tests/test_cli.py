@@ -50,7 +50,8 @@ def _one_line_error(rc, err, needle):
                                                 ("visual_mass", ["--skip-ratio", "0.5", "--max-new-tokens", "3"],
                                                  "decode_bypass_layers"),
                                                 ("lc", ["--budget", "1", "--option", "kl_direction=reverse",
-                                                        "--batch-size", "2"], "frozen_layers")])
+                                                        "--batch-size", "2"], "frozen_layers")],
+                         ids=["vig", "visual_mass", "lc"])
 def test_calibrate_then_generate(workdir, capsys, method, extra, field):
     out = workdir / f"{method}.json"
     rc, stdout, err = _run(capsys, "calibrate", "--model", workdir / "model", "--data", workdir / "data.jsonl",
@@ -159,7 +160,8 @@ def test_demo_end_to_end(capsys):
 
 @pytest.mark.parametrize("argv,needle", [(["--budgets", "0"], "budgets must be ints in [1, 11]"),
                                          (["--budgets", "12"], "budgets must be ints in [1, 11]"),
-                                         (["--eval-samples", "0"], "eval_samples must be a positive int")])
+                                         (["--eval-samples", "0"], "eval_samples must be a positive int")],
+                         ids=["budgets=0", "budgets=12", "eval_samples=0"])
 def test_demo_bad_arguments(capsys, argv, needle):
     _one_line_error(*_run(capsys, "demo", *argv, "--no-progress")[::2], needle)
 

@@ -33,14 +33,10 @@ POLICIES = ("dense", "vskip", "frozen")
 # fp32 takes exact (IEEE) dots, as the fp32 reference does: only the summation order differs
 FP32_OUT_ATOL = 1e-4
 
-# (dtype, head dim, policy): the policy rotates over the dtype x head-dim grid, so each
+# (policy, dtype, head dim): the policy rotates over the dtype x head-dim grid, so each
 # (dtype, head dim) and each (dtype, policy) pair is covered.
-GRID = [(dt, d, POLICIES[(i + j) % 3]) for (i, dt), (j, d) in itertools.product(enumerate(DTYPES),
+GRID = [(POLICIES[(i + j) % 3], dt, d) for (i, dt), (j, d) in itertools.product(enumerate(DTYPES),
                                                                                  enumerate(HEAD_DIMS))]
-
-
-def _id(dtype):
-    return str(dtype).replace("torch.", "")
 
 
 def cuda(*ts):
@@ -59,7 +55,7 @@ def out_atol(dtype):
 # ----------------------------------------------------------------------------- prefill
 
 
-@pytest.mark.parametrize("dtype,d,policy", GRID, ids=[f"{_id(t)}-d{d}-{p}" for t, d, p in GRID])
+@pytest.mark.parametrize("policy,dtype,d", GRID)
 def test_prefill_every_dtype_and_head_dim(dtype, d, policy):
     vis, am = prefill_layout()
     n = vis.shape[1]
@@ -75,8 +71,8 @@ def test_prefill_every_dtype_and_head_dim(dtype, d, policy):
     assert counter.value == 4 * int(live.sum()) == 4 * int(sched.live_pairs())
 
 
-@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("policy", POLICIES)
 def test_prefill_autotuned_launch(policy, dtype):
     """The launch the benchmarks time: autotuned over the configs that fit this GPU."""
     vis, am = prefill_layout(1500)
@@ -89,7 +85,7 @@ def test_prefill_autotuned_launch(policy, dtype):
 
 
 @pytest.mark.parametrize("visual_self", (True, False))
-@pytest.mark.parametrize("want", ((False, False), (True, False), (False, True)))
+@pytest.mark.parametrize("want", ((False, False), (True, False), (False, True)), ids=("out", "out+mass", "out+lse"))
 def test_prefill_variants_chunked(visual_self, want):
     """Nq < Nk (chunked prefill), visual_self off, and each subset of the extra outputs."""
     vis, am = cuda(*build_layout(900, [(20, 600)], [(0, 300), (650, 800)], pad=(0, 9)))
@@ -148,7 +144,7 @@ def test_varlen_matches_per_sequence(dtype, d, policy):
 # ----------------------------------------------------------------------------- decode
 
 
-@pytest.mark.parametrize("dtype,d,policy", GRID, ids=[f"{_id(t)}-d{d}-{p}" for t, d, p in GRID])
+@pytest.mark.parametrize("policy,dtype,d", GRID)
 def test_decode_every_dtype_and_head_dim(dtype, d, policy):
     """The split-KV path (Nq <= 16) against a 3k cache, with GQA 7 and left padding."""
     nk = 3000
@@ -229,7 +225,7 @@ def test_schedule_planned_inside_a_cuda_graph():
 # ----------------------------------------------------------------------------- visual mass
 
 
-@pytest.mark.parametrize("dtype,d,policy", GRID, ids=[f"{_id(t)}-d{d}-{p}" for t, d, p in GRID])
+@pytest.mark.parametrize("policy,dtype,d", GRID)
 def test_visual_mass_every_dtype_and_head_dim(dtype, d, policy):
     nk = 2000
     image = [(35, 1500)]
@@ -259,8 +255,8 @@ def test_visual_mass_newest_token_of_32k():
 # ----------------------------------------------------------------------------- schedule
 
 
-@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("visual_self", (True, False))
+@pytest.mark.parametrize("policy", POLICIES)
 def test_schedule_on_cuda_matches_torch_planner(policy, visual_self):
     """plan_schedule on CUDA tensors (the native CUDA kernel when built, else PyTorch on the
     GPU) equals the pure-PyTorch planner on CPU, tile for tile."""

@@ -38,8 +38,8 @@ CASES = [(p, vs, nq) for p in ("dense", "vskip", "frozen") for vs in (True, Fals
          if p == "vskip" or vs]
 
 
-@pytest.mark.parametrize("policy,visual_self,nq", CASES)
 @pytest.mark.parametrize("blocks", [(64, 64), (128, 64)])
+@pytest.mark.parametrize("policy,visual_self,nq", CASES)
 def test_flex_with_our_mask_mod_and_our_block_mask_equal_the_reference(policy, visual_self, nq, blocks):
     q, k, v, iv, am = _inputs(nq)
     ref, _, _ = attention_ref(q, k, v, iv, policy=policy, attention_mask=am, visual_self=visual_self)

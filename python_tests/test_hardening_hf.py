@@ -30,7 +30,7 @@ def untouched(model, impl):
     (lambda: SkipPlan(num_layers=5, frozen_layers=[4]), "5 decoder layers"),
     (lambda: SkipPlan(num_layers=2, vskip_layers=[1]), "2 decoder layers"),
     (lambda: SkipPlan.from_dict(dict(SkipPlan(num_layers=4, decode_bypass_layers=[3]).to_dict())), "4 decoder layers"),
-])
+], ids=["frozen-5_layers", "vskip-2_layers", "bypass-4_layers_from_dict"])
 def test_plan_for_another_layer_count(plan, match):
     model = H.tiny_qwen2_vl()
     impl = language_model(model).config._attn_implementation

@@ -137,9 +137,9 @@ def assert_empty_rows_exact(res, empty):
     assert (out[empty] == 0).all() and (mass[empty] == 0).all() and (lse[empty] == float("-inf")).all()
 
 
+@pytest.mark.parametrize("value", (float("nan"), float("inf")))
 @pytest.mark.parametrize("nq", (N, 3), ids=("prefill", "decode"))
 @pytest.mark.parametrize("policy, visual_self", POLICY_CASES)
-@pytest.mark.parametrize("value", (float("nan"), float("inf")))
 def test_non_finite_k_matches_torch_backend(nq, policy, visual_self, value):
     """NaN/inf in k at key j: exactly the rows attending j are non-finite (the same rows as the
     torch backend); every other row is bitwise the clean result."""
@@ -158,8 +158,8 @@ def test_non_finite_k_matches_torch_backend(nq, policy, visual_self, value):
     assert_empty_rows_exact(got, empty_rows(vis, mask, nq, policy, visual_self))
 
 
-@pytest.mark.parametrize("nq", (N, 3), ids=("prefill", "decode"))
 @pytest.mark.parametrize("value", (float("nan"), float("-inf")))
+@pytest.mark.parametrize("nq", (N, 3), ids=("prefill", "decode"))
 def test_non_finite_q_poisons_only_its_row(nq, value):
     q, k, v, vis, mask = nonfinite_case()
     clean = run(q, k, v, vis, mask, nq, "vskip", True, "triton")
@@ -173,9 +173,9 @@ def test_non_finite_q_poisons_only_its_row(nq, value):
         assert torch.equal(a[~bad], c[~bad])
 
 
+@pytest.mark.parametrize("value", (float("nan"), float("inf")))
 @pytest.mark.parametrize("nq", (N, 3), ids=("prefill", "decode"))
 @pytest.mark.parametrize("policy, visual_self", POLICY_CASES)
-@pytest.mark.parametrize("value", (float("nan"), float("inf")))
 def test_non_finite_v_never_reaches_empty_rows(nq, policy, visual_self, value):
     """NaN/inf in v at key j: rows attending j are non-finite, mass and lse (which never read v)
     are unchanged, and empty rows stay exact zeros even though their tiles read j (0 * NaN)."""

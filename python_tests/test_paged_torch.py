@@ -17,8 +17,8 @@ def _run(case, policy, **kw):
                                  case["query_start_loc"], case["slot_kinds"], policy=policy, **kw)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("visual_self", (True, False))
+@pytest.mark.parametrize("policy", POLICIES)
 def test_mixed_batch_matches_reference(policy, visual_self):
     case = make_case(MIXED, seed=1)
     got = _run(case, policy, visual_self=visual_self)

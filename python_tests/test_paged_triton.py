@@ -44,7 +44,7 @@ def _expected_tiles(case, policy, block_m, visual_self=True):
 _CASES = [(torch.float32, 32, 16, (4, 2)), (torch.float16, 64, 16, (4, 1)), (torch.bfloat16, 80, 32, (6, 2))]
 
 
-@pytest.mark.parametrize("dtype,d,bs,heads", _CASES, ids=["fp32-d32-bs16", "fp16-d64-bs16", "bf16-d80-bs32"])
+@pytest.mark.parametrize("dtype,d,bs,heads", _CASES)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_interpreter_matches_reference_and_skips_dead_blocks(dtype, d, bs, heads, policy):
     case = make_case(MIXED, hq=heads[0], hkv=heads[1], d=d, bs=bs, dtype=dtype, seed=7)

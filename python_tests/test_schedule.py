@@ -48,10 +48,10 @@ def check_lists(s):
     assert both.max() <= 1
 
 
+@pytest.mark.parametrize("nq", (None, 77, 1))
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("visual_self", (True, False))
 @pytest.mark.parametrize("policy", ("dense", "vskip", "frozen"))
-@pytest.mark.parametrize("blocks", BLOCKS, ids=str)
-@pytest.mark.parametrize("nq", (None, 77, 1))
 def test_live_and_full_tiles_match_the_mask(policy, blocks, nq, visual_self):
     vis, mask = batch()
     bm, bn = blocks
@@ -76,7 +76,7 @@ def query_tile_kinds(vis, mask, nq, bm):
     return ((tiles == 2) | ((tiles == 0) & (torch.arange(mt * bm).view(mt, bm) >= nq))).all(-1) & (tiles == 2).any(-1)
 
 
-@pytest.mark.parametrize("blocks", BLOCKS, ids=str)
+@pytest.mark.parametrize("blocks", BLOCKS)
 def test_vskip_visual_tiles_visit_text_tiles_and_diagonal(blocks):
     vis, mask = batch()
     bm, bn = blocks
@@ -100,7 +100,7 @@ def test_vskip_visual_tiles_visit_text_tiles_and_diagonal(blocks):
         assert int(s.live_pairs()) < int(dense.live_pairs())
 
 
-@pytest.mark.parametrize("blocks", BLOCKS, ids=str)
+@pytest.mark.parametrize("blocks", BLOCKS)
 def test_frozen_visual_tiles_get_no_work(blocks):
     vis, mask = batch()
     bm, bn = blocks

@@ -1,4 +1,6 @@
 """Torch backend vs the executable spec (vskip_kernels.reference), through the public API."""
+import itertools
+
 import pytest
 import torch
 from _shared import assert_matches_reference, assert_rule, make_qkv
@@ -63,16 +65,22 @@ def check_against_reference(q, k, v, vis, mask, policy, visual_self):
     return out, mass, lse
 
 
+def _layout_grid():
+    """(policy, dtype, head dim, GQA ratio, layout): head dim and GQA ratio rotate over the
+    cases; test_head_dims_gqa covers their full product."""
+    cases = []
+    for policy, dtype, name in itertools.product(POLICIES, DTYPES, LAYOUTS):
+        idx = LAYOUTS.index(name) + DTYPES.index(dtype)
+        cases.append((policy, dtype, HEAD_DIMS[idx % 4], GQA[idx % 3], name))
+    return cases
+
+
 @pytest.mark.parametrize("visual_self", (True, False))
-@pytest.mark.parametrize("layout_name", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("policy", POLICIES)
-def test_layouts(policy, dtype, layout_name, visual_self):
+@pytest.mark.parametrize("policy,dtype,d,gqa,layout_name", _layout_grid())
+def test_layouts(policy, dtype, d, gqa, layout_name, visual_self):
     vis, mask, nq = layout(layout_name)
-    # head dim and GQA ratio rotate over the cases; test_head_dims_gqa covers their full product
     idx = LAYOUTS.index(layout_name) + DTYPES.index(dtype)
-    d, g = HEAD_DIMS[idx % 4], GQA[idx % 3]
-    q, k, v = make_qkv(vis.shape[0], 2 * g, 2, nq, vis.shape[1], d, dtype, seed=idx)
+    q, k, v = make_qkv(vis.shape[0], 2 * gqa, 2, nq, vis.shape[1], d, dtype, seed=idx)
     check_against_reference(q, k, v, vis, mask, policy, visual_self)
 
 
@@ -108,8 +116,8 @@ def test_long_sequence_crosses_chunks():
 
 
 @pytest.mark.parametrize("visual_self", (True, False))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_visual_mass(policy, dtype, visual_self):
     vis, mask, _ = layout("left_padding")
     q, k, _ = make_qkv(2, 4, 2, 50, vis.shape[1], 80, dtype, seed=5)
