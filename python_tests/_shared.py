@@ -1,6 +1,5 @@
-"""Helpers shared by the kernel test files: layout builders, random inputs and the
-tolerance rule. Imported as ``from _shared import ...``: pytest puts this folder on
-sys.path (rootdir-relative, no __init__.py), as for hf_models.py."""
+"""Helpers shared by the kernel test files (ops/) and the CUDA integration test: layout
+builders, random inputs and the tolerance rule (``from python_tests._shared import ...``)."""
 from __future__ import annotations
 
 import torch

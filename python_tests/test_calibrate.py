@@ -1,10 +1,10 @@
 """Calibration metrics against independent computations on tiny random models."""
 import math
 
-import hf_models as H
 import pytest
 import torch
 
+from python_tests import hf_models as H
 from vskip_kernels import SkipPlan
 from vskip_kernels.calibrate import METHODS, calibrate, diagnostics
 from vskip_kernels.calibrate._common import resolve_budget

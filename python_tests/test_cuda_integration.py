@@ -12,8 +12,8 @@ import argparse
 
 import pytest
 import torch
-from _shared import assert_rule, build_layout
 
+from python_tests._shared import assert_rule, build_layout
 from vskip_kernels import SkipPlan
 from vskip_kernels.bench import baselines
 from vskip_kernels.bench import model as bm

@@ -17,8 +17,8 @@ import itertools
 
 import pytest
 import torch
-from _shared import assert_matches_reference, assert_rule, build_layout, make_qkv, spans
 
+from python_tests._shared import assert_matches_reference, assert_rule, build_layout, make_qkv, spans
 from vskip_kernels import modality_attention, modality_attention_varlen, plan_schedule, visual_attention_mass
 from vskip_kernels.ops.triton import attention as ta
 from vskip_kernels.ops.triton import decode as td

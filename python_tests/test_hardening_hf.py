@@ -1,10 +1,10 @@
 """Hardening of the Hugging Face patch: plans that do not fit the model, repeated
 patch/remove cycles, beam expansion on an M-RoPE model, two patched models driven step by
 step in turn, and bitwise determinism of patched models (torch backend)."""
-import hf_models as H
 import pytest
 import torch
 
+from python_tests import hf_models as H
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan, decoder_layers, language_model
 from vskip_kernels.hf.compat import cache_kwargs, output_cache

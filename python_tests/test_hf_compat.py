@@ -3,12 +3,12 @@ its warning, and errors that name the release instead of answering wrongly."""
 import inspect
 import warnings
 
-import hf_models as H
 import pytest
 import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
 
+from python_tests import hf_models as H
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan, compat
 

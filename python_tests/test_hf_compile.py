@@ -1,11 +1,11 @@
 """A patched model's decode step traces into one graph (what CUDA-graph decode needs): no host
 read of the cache length, no data-dependent branch. Checked with fullgraph=True on CPU, where
 any graph break is an error, and the compiled step must equal the eager one."""
-import hf_models as H
 import pytest
 import torch
 from transformers import StaticCache
 
+from python_tests import hf_models as H
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan
 from vskip_kernels.hf.compat import cache_kwargs

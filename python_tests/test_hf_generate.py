@@ -1,10 +1,10 @@
 """generate() under a SkipPlan: batching with left padding, decode bypass (dynamic and static
 caches), batch expansion for beams / num_return_sequences, chunked prefill, mass recording."""
-import hf_models as H
 import pytest
 import torch
 from transformers import DynamicCache
 
+from python_tests import hf_models as H
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan, language_model
 from vskip_kernels.hf.compat import cache_kwargs, output_cache

@@ -1,9 +1,9 @@
 """apply_skip_plan on the five VLM families and two text-only decoders: prefill semantics,
 reversibility, per-model state, visual-mass recording, the triton backend and loading."""
-import hf_models as H
 import pytest
 import torch
 
+from python_tests import hf_models as H
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan, decoder_layers, language_model, num_decoder_layers, visual_token_ids
 from vskip_kernels.hf.compat import cache_kwargs, output_cache

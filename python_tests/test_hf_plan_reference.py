@@ -1,11 +1,11 @@
 """generate() under a plan with vskip, frozen and decode-bypassed layers equals an independent
 reference (the model's own eager attention with the plan imposed by hooks, hf_reference.py),
 token by token and logit by logit, on every supported VLM family."""
-import hf_models as H
 import pytest
 import torch
-from hf_reference import plan_hooks
 
+from python_tests import hf_models as H
+from python_tests.hf_reference import plan_hooks
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan
 

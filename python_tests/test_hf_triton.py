@@ -1,9 +1,9 @@
 """The triton backend (Triton's interpreter on CPU) through the HF patch: same logits and
 tokens as the torch backend, with one schedule planned per policy per forward."""
-import hf_models as H
 import pytest
 import torch
 
+from python_tests import hf_models as H
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan
 from vskip_kernels.ops import dispatch

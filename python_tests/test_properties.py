@@ -6,10 +6,10 @@ NaN in k at key j poisons exactly the rows allowed to attend j (masked scores be
 they can spread); NaN in v at key j poisons at least the rows attending j.
 """
 import torch
-from _shared import assert_rule, make_qkv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from python_tests._shared import assert_rule, make_qkv
 from vskip_kernels import modality_attention, plan_schedule
 from vskip_kernels.reference import allowed_mask, attention_ref, live_tile_pairs
 

@@ -3,8 +3,8 @@ import itertools
 
 import pytest
 import torch
-from _shared import assert_matches_reference, assert_rule, make_qkv
 
+from python_tests._shared import assert_matches_reference, assert_rule, make_qkv
 from vskip_kernels import modality_attention, visual_attention_mass
 from vskip_kernels.reference import allowed_mask, attention_ref, visual_mass_ref
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _shared import assert_matches_reference, assert_rule, build_layout, make_qkv
 
+from python_tests._shared import assert_matches_reference, assert_rule, build_layout, make_qkv
 from vskip_kernels import modality_attention, plan_schedule
 from vskip_kernels.ops.triton import attention as ta
 from vskip_kernels.reference import allowed_mask, attention_ref, live_tile_pairs

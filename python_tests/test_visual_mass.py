@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
-from _shared import ATOL, assert_rule, build_layout, make_qkv
 
+from python_tests._shared import ATOL, assert_rule, build_layout, make_qkv
 from vskip_kernels import modality_attention, visual_attention_mass
 from vskip_kernels.ops.triton import attention as ta
 from vskip_kernels.ops.triton import visual_mass as tvm
