@@ -11,13 +11,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from python_tests import REPO_ROOT
 from vskip_kernels.ops import aot
 
-ROOT = Path(__file__).resolve().parents[1]
 SPECS = aot.all_specs()
 JOBS = [(s.name, cc) for s in SPECS for cc in aot.TARGETS if cc in getattr(s, "targets", aot.TARGETS)]
 
@@ -37,10 +36,10 @@ print("@@RESULT@@" + json.dumps(res))
 
 def _run_workers(jobs, n_workers=2):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     # Interleave so that both workers get a mix of cheap and expensive configs.
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(jobs[i::n_workers])], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(jobs[i::n_workers])], cwd=REPO_ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(n_workers) if jobs[i::n_workers]]
     results = {}
     for p in procs:

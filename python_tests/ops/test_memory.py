@@ -6,6 +6,8 @@ import textwrap
 
 import pytest
 
+from python_tests import REPO_ROOT
+
 N = 32768
 NN_FP32_MIB = N * N * 4 / 2**20  # one N x N fp32 matrix: 4096 MiB
 
@@ -39,8 +41,7 @@ SCRIPT = textwrap.dedent(f"""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss units differ off Linux")
 @pytest.mark.parametrize("policy", ("vskip", "frozen"))
 def test_32k_tokens_bounded_memory(policy):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-c", SCRIPT, policy], capture_output=True, text=True, env=env,
                          timeout=600)
     assert res.returncode == 0, res.stderr

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from python_tests._paged import MIXED, make_case, reference
 from python_tests._shared import assert_rule
+from python_tests.ops._paged import MIXED, make_case, reference
 from vskip_kernels.ops.pytorch.paged import paged_attention_torch
 
 POLICIES = ("dense", "vskip", "frozen")

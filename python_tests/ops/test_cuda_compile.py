@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CUDA_DIR = ROOT / "csrc" / "cuda"
+from python_tests import REPO_ROOT
+
+CUDA_DIR = REPO_ROOT / "csrc" / "cuda"
 ARCHS = ("80", "86", "89", "90")
 
 

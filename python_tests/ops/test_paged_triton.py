@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from python_tests._paged import MIXED, make_case, reference
 from python_tests._shared import assert_rule
+from python_tests.ops._paged import MIXED, make_case, reference
 from vskip_kernels.ops.triton import paged as tp
 from vskip_kernels.ops.triton.common import count_tiles
 from vskip_kernels.reference import allowed_mask
