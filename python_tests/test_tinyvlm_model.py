@@ -125,3 +125,57 @@ def test_untrained_model_is_deterministic():
         build_model(num_layers=0)
     with pytest.raises(TypeError, match="unknown architecture"):
         build_model(colour=3)
+
+
+def test_dialogue_rows_put_the_evaluation_prompt_first():
+    """Training rows with several turns: the first turn is exactly what evaluation feeds the
+    model (encode_training's row), every answer and EOS is labelled, nothing else is."""
+    import numpy as np
+
+    from vskip_kernels.tinyvlm.data import encode_training_dialogues
+    from vskip_kernels.tinyvlm.task import scene_questions
+
+    proc = build_processor()
+    batch = samples("train", 0, 5)
+    one = encode_training(proc, batch)
+    enc = encode_training_dialogues(proc, batch, 4, np.random.default_rng(0))
+    tok = proc.tokenizer
+    assert torch.equal(enc["pixel_values"], one["pixel_values"])
+    for i, s in enumerate(batch):
+        row = enc["input_ids"][i][enc["attention_mask"][i].bool()]
+        first = one["input_ids"][i][one["attention_mask"][i].bool()]
+        assert torch.equal(row[:len(first)], first)
+        text = "".join(tok.convert_ids_to_tokens(row[len(first):].tolist()))
+        turns = [t for t in text.split("</s>") if t]
+        truth = {q: a for q, a, _ in scene_questions(s.shapes)}
+        assert len(turns) == min(3, len(truth) - 1)
+        for t in turns:
+            q, a = t.split("\n")
+            assert truth[q] == a and q != s.question
+        labels = enc["labels"][i][enc["attention_mask"][i].bool()]
+        kept = tok.convert_ids_to_tokens(labels[labels != -100].tolist())
+        assert "".join(kept) == s.answer + "</s>" + "".join(t.split("\n")[1] + "</s>" for t in turns)
+    assert (enc["labels"][~enc["attention_mask"].bool()] == -100).all()
+
+
+def test_patch_targets_match_the_rendered_pixels():
+    """The probe's per-token targets agree with the image: occupied patches hold the shape's colour."""
+    import numpy as np
+
+    from vskip_kernels.tinyvlm.data import PATCH_TARGETS, patch_targets
+    from vskip_kernels.tinyvlm.task import BACKGROUND, COLOURS
+
+    batch = samples("train", 0, 20)
+    tgt = patch_targets(batch, 8)
+    assert tgt.shape == (20, 64, len(PATCH_TARGETS))
+    colours = [None] + list(COLOURS.values())
+    for s, t in zip(batch, tgt):
+        px = np.asarray(s.image()).reshape(8, 8, 8, 8, 3).transpose(0, 2, 1, 3, 4).reshape(64, 64, 3)
+        for p in range(64):
+            present = {tuple(c) for c in px[p].tolist()} - {BACKGROUND}
+            if t[p, 0] == 0:
+                assert not present, (p, present)  # empty cell: only background in the patch
+            else:
+                assert colours[int(t[p, 1])] in present or not present  # a small shape may miss a corner patch
+        assert t[:, 3].tolist() == [r // 2 for r in range(8) for _ in range(8)]
+        assert t[:, 4].tolist() == [c // 2 for _ in range(8) for c in range(8)]

@@ -75,3 +75,35 @@ def test_bad_split(bad):
 def test_bad_index(bad):
     with pytest.raises(ValueError, match="index must be"):
         sample("train", bad)
+
+
+def test_scene_questions_follow_from_the_scene():
+    """Every extra training question's answer, recomputed by _truth from the scene alone."""
+    seen = Counter()
+    for s in samples("train", 0, 300):
+        qs = task.scene_questions(s.shapes)
+        assert (s.question, s.answer, s.qtype) in qs  # the sample's own question is one of them
+        assert len({q for q, _, _ in qs}) == len(qs)
+        for q, a, t in qs:
+            if t == "relation":
+                words = q.rstrip("?").split()
+                kinds = [sh for sh in s.shapes if sh.kind in (words[2], words[-1])]
+                if len(kinds) != 2 or kinds[0].col == kinds[1].col:
+                    pytest.fail(f"relation question without one answer: {q} {s.shapes}")
+            assert a == _truth(task.Sample(s.shapes, q, a, t)), (q, a, s.shapes)
+            seen[t] += 1
+    assert set(seen) == set(QUESTION_TYPES)
+
+
+def test_scene_questions_are_complete():
+    """A question the templates can ask with one answer is always offered: count every candidate."""
+    s = task.Sample((task.Shape("circle", "red", "large", 0, 0), task.Shape("circle", "blue", "small", 0, 3),
+                     task.Shape("cross", "green", "small", 3, 1)), "", "", "count")
+    qs = {q: a for q, a, _ in task.scene_questions(s.shapes)}
+    assert qs["how many circles?"] == "two" and qs["how many squares?"] == "zero"
+    assert "what colour is the circle?" not in qs  # two circles: no single answer
+    assert qs["what colour is the cross?"] == "green" and qs["what size is the cross?"] == "small"
+    assert "is the circle left of the cross?" not in qs
+    assert qs["what is at the top left?"] == "circle" and qs["what is at the bottom left?"] == "cross"
+    assert qs["what is at the top right?"] == "circle" and "what is at the bottom right?" not in qs
+    assert len(qs) == 4 + 2 + 3  # four counts, the cross's colour and size, three quadrants

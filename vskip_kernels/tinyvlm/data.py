@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .model import EOS, SPECIALS
-from .task import Sample
+from .task import CELL, COLOURS, GRID, IMAGE, SHAPES, SIZES, Sample
 
 
 def prompts(processor, batch: list[Sample]) -> list[str]:
@@ -54,3 +54,65 @@ def encode_training(processor, batch: list[Sample], *, text_only: bool = False) 
         labels[i, width - n:] = enc["input_ids"][i, width - n:]
     enc["labels"] = labels
     return enc
+
+
+def encode_training_dialogues(processor, batch: list[Sample], questions: int, rng) -> dict:
+    """Like ``encode_training``, but each image is followed by up to ``questions`` question/answer turns.
+
+    The first turn is the sample's own (balanced) question, in exactly the prompt format
+    evaluation uses; later turns are other questions about the same scene
+    (``task.scene_questions``), drawn with ``rng`` (a numpy Generator). Labels cover every
+    answer and its EOS. The image's 64 tokens are most of a row's cost, so more turns give
+    more signal per step for little extra time.
+    """
+    from .task import scene_questions
+
+    if questions < 1:
+        raise ValueError(f"questions must be >= 1, got {questions!r}")
+    first = encode_training(processor, batch)
+    tok = processor.tokenizer
+    pad = tok.pad_token_id
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    rows, labs = [], []
+    for i, s in enumerate(batch):
+        keep = first["attention_mask"][i].bool()
+        row, lab = first["input_ids"][i][keep].tolist(), first["labels"][i][keep].tolist()
+        others = [q for q in scene_questions(s.shapes) if q[0] != s.question]
+        for j in rng.permutation(len(others))[:questions - 1]:
+            q, a, _ = others[int(j)]
+            prompt, answer = ids(q + "\n"), ids(a) + [EOS]
+            row += prompt + answer
+            lab += [-100] * len(prompt) + answer
+        rows.append(row)
+        labs.append(lab)
+    width = max(map(len, rows))
+    enc = dict(first)
+    enc["input_ids"] = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    enc["attention_mask"] = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    enc["labels"] = torch.tensor([[-100] * (width - len(r)) + r for r in labs])
+    return enc
+
+
+# What each visual token's feature is trained to say about its patch (``patch_targets``):
+# the cell's shape, colour and size (class 0: empty cell) and the cell's row and column.
+PATCH_TARGETS = {"kind": 1 + len(SHAPES), "colour": 1 + len(COLOURS), "size": 1 + len(SIZES), "row": GRID, "col": GRID}
+
+
+def patch_targets(batch: list[Sample], patch: int) -> torch.Tensor:
+    """[B, P, 5] class ids per visual token (row-major patches of ``patch`` pixels), in ``PATCH_TARGETS`` order."""
+    per_side = IMAGE // patch
+    cell_of = torch.arange(per_side) * patch // CELL  # the grid cell row (or column) each patch lies in
+    rows, cols = cell_of.repeat_interleave(per_side), cell_of.repeat(per_side)
+    out = torch.zeros(len(batch), per_side * per_side, len(PATCH_TARGETS), dtype=torch.long)
+    out[:, :, 3], out[:, :, 4] = rows, cols
+    kinds, colours, sizes = list(SHAPES), list(COLOURS), list(SIZES)
+    for i, s in enumerate(batch):
+        for sh in s.shapes:
+            at = (rows == sh.row) & (cols == sh.col)
+            out[i, at, 0] = 1 + kinds.index(sh.kind)
+            out[i, at, 1] = 1 + colours.index(sh.colour)
+            out[i, at, 2] = 1 + sizes.index(sh.size)
+    return out

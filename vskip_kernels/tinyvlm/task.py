@@ -159,6 +159,33 @@ def sample(split, index: int) -> Sample:
     return Sample(tuple(shapes[i] for i in order), question, answer, qtype)
 
 
+def scene_questions(shapes) -> list[tuple[str, str, str]]:
+    """Every question the templates can ask about ``shapes`` that has one answer: (question, answer, type).
+
+    Computed from the scene alone. Training asks several of them per image, so each image
+    (the expensive part of a training row) carries several answers' worth of signal.
+    """
+    by_kind: dict[str, list[Shape]] = {k: [s for s in shapes if s.kind == k] for k in SHAPES}
+    out = []
+    for k in SHAPES:
+        if len(by_kind[k]) < len(COUNTS):
+            out.append((f"how many {PLURALS[k]}?", COUNTS[len(by_kind[k])], "count"))
+        if len(by_kind[k]) == 1:
+            out.append((f"what colour is the {k}?", by_kind[k][0].colour, "colour"))
+            out.append((f"what size is the {k}?", by_kind[k][0].size, "size"))
+    for a in SHAPES:
+        for b in SHAPES:
+            if a != b and len(by_kind[a]) == len(by_kind[b]) == 1 and by_kind[a][0].col != by_kind[b][0].col:
+                out.append((f"is the {a} left of the {b}?", "yes" if by_kind[a][0].col < by_kind[b][0].col else "no",
+                            "relation"))
+    half = GRID // 2
+    for where, (qr, qc) in QUADRANTS.items():
+        inside = [s for s in shapes if (s.row // half, s.col // half) == (qr, qc)]
+        if len(inside) == 1:
+            out.append((f"what is at the {where}?", inside[0].kind, "position"))
+    return out
+
+
 def samples(split, start: int, count: int) -> list[Sample]:
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"count must be a non-negative int, got {count!r}")

@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from .data import encode_training
+from .data import PATCH_TARGETS, encode_training_dialogues, patch_targets
 from .evaluate import accuracy, question_prior_accuracy, teacher_forced_correct
 from .model import build_model, build_processor
-from .task import samples
+from .task import QUESTION_TYPES, samples
 
 EVAL_SAMPLES = 500  # the first samples of the eval split: what the README and the tests report
 
@@ -35,11 +35,19 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 def train(*, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 2e-3, warmup: int = 100,
           threads: int = 1, out: str | None = None, log_every: int = 50, eval_every: int = 100,
           arch: dict | None = None, eval_samples: int = EVAL_SAMPLES, command: str | None = None,
-          init: str | None = None, first_sample: int = 0, log=print) -> dict:
+          init: str | None = None, first_sample: int = 0, questions: int = 4, probe_weight: float = 1.0,
+          log=print) -> dict:
     """Train (or, with ``init``, continue training) and return the training record.
 
     init: a folder an earlier run saved; training continues from its weights (a second
     stage), on training samples from ``first_sample`` on so no scene is seen twice.
+    questions: question/answer turns per image (the sample's own first, then others about
+    the same scene).
+    probe_weight: weight of the visual-token probe loss: a linear head, used only in
+    training and not saved, reads each visual token's cell contents (shape, colour, size)
+    and cell position from the projector's output, so the visual features say what is
+    where (the job a pretrained vision encoder does for LLaVA) and the decoder's
+    attention has something to look for from the first steps. 0 turns it off.
     """
     for name, v in (("steps", steps), ("batch", batch), ("threads", threads), ("warmup", warmup)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -59,8 +67,15 @@ def train(*, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 2e-3
     else:
         model = build_model(seed=seed, **(arch or {}))
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "embed" not in n)]
+    import numpy as np
+
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, sum(PATCH_TARGETS.values()))
+    visual: list[torch.Tensor] = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: visual.append(out))
+    patch = model.config.vision_config.patch_size
+    params = list(model.named_parameters()) + [("probe." + n, p) for n, p in probe.named_parameters()]
+    decay = [p for n, p in params if p.dim() > 1 and "embed" not in n]
+    other = [p for n, p in params if not (p.dim() > 1 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98))
     t0 = time.time()
@@ -68,22 +83,34 @@ def train(*, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 2e-3
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
-        enc = encode_training(processor, samples("train", first_sample + step * batch, batch))
-        loss = model(**enc).loss
+        data = samples("train", first_sample + step * batch, batch)
+        enc = encode_training_dialogues(processor, data, questions, np.random.default_rng([seed, first_sample, step]))
+        visual.clear()
+        loss = lm_loss = model(**enc).loss
+        if probe_weight:
+            logits = probe(visual[0]).split(list(PATCH_TARGETS.values()), dim=-1)
+            target = patch_targets(data, patch)
+            loss = loss + probe_weight * sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1), target[..., k].flatten())
+                                             for k, lg in enumerate(logits)) / len(logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        now = torch.stack([lm_loss.detach(), loss.detach() - lm_loss.detach()])
+        running = now if running is None else 0.9 * running + 0.1 * now
         if (step + 1) % log_every == 0:
-            log(f"step {step + 1}/{steps} loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+            log(f"step {step + 1}/{steps} loss {running[0]:.4f} probe {running[1]:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{time.time() - t0:.0f}s")
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             model.eval()
-            ok = teacher_forced_correct(model, processor, samples("eval", 0, 200))
-            log(f"step {step + 1}: eval accuracy (200, teacher-forced) {ok.float().mean().item():.3f}")
+            held_out = samples("eval", 0, 200)
+            ok = teacher_forced_correct(model, processor, held_out).tolist()
+            per_type = " ".join(f"{t} {sum(o for o, s in zip(ok, held_out) if s.qtype == t) / max(sum(s.qtype == t for s in held_out), 1):.2f}"
+                                for t in QUESTION_TYPES)
+            log(f"step {step + 1}: eval accuracy (200, teacher-forced) {sum(ok) / len(ok):.3f} ({per_type})")
             model.train()
     minutes = (time.time() - t0) / 60
+    hook.remove()
     model.eval()
     acc = accuracy(model, processor, "eval", 0, eval_samples)
     prior = question_prior_accuracy(samples("train", 0, first_sample + steps * batch),
@@ -93,7 +120,7 @@ def train(*, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 2e-3
         "train_minutes": round(minutes, 1), "eval_samples": eval_samples, "arch": arch or {},
         "eval_accuracy": acc["accuracy"], "eval_accuracy_per_type": acc["per_type"],
         "text_only_question_prior_accuracy": prior,
-        "command": command, "first_sample": first_sample,
+        "command": command, "first_sample": first_sample, "questions": questions, "probe_weight": probe_weight,
     }
     if previous is not None:
         record["previous_stage"] = previous
@@ -122,13 +149,16 @@ def main(argv=None) -> int:
     p.add_argument("--ffn", type=int, default=None, help="text FFN size")
     p.add_argument("--out", default=None, help="folder to save the model, processor and training.json in")
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--init", default=None, help="continue from a folder an earlier run saved (a second stage)")
     p.add_argument("--first-sample", type=int, default=0, help="index of the first training sample used")
+    p.add_argument("--questions", type=int, default=4, help="question/answer turns per training image")
+    p.add_argument("--probe-weight", type=float, default=1.0, help="weight of the visual-token probe loss (0: off)")
     a = p.parse_args(argv)
     train(seed=a.seed, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, threads=a.threads, out=a.out,
-          eval_every=a.eval_every, arch={k: v for k, v in (("hidden", a.hidden), ("ffn", a.ffn)) if v is not None},
+          eval_every=a.eval_every, log_every=a.log_every, arch={k: v for k, v in (("hidden", a.hidden), ("ffn", a.ffn)) if v is not None},
           command=" ".join(["python -m vskip_kernels.tinyvlm.train"] + list(sys.argv[1:] if argv is None else argv)),
-          init=a.init, first_sample=a.first_sample, log=lambda s: print(s, flush=True))
+          init=a.init, first_sample=a.first_sample, questions=a.questions, probe_weight=a.probe_weight, log=lambda s: print(s, flush=True))
     return 0
 
 
