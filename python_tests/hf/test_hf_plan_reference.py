@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from python_tests import hf_models as H
-from python_tests.hf_reference import plan_hooks
+from python_tests.hf.hf_reference import plan_hooks
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan
 
