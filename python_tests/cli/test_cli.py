@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from python_tests import REPO_ROOT
 from vskip_kernels import SkipPlan
 from vskip_kernels.cli import main
 from vskip_kernels.tinyvlm import build_model, build_processor
@@ -189,8 +190,7 @@ def test_demo_model_folder_missing(capsys, tmp_path):
 
 
 def test_module_entry_point_error_exit(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "vskip_kernels", "generate", "--model", str(tmp_path / "none"),
                            "--prompt", "x"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
