@@ -179,3 +179,26 @@ def test_patch_targets_match_the_rendered_pixels():
                 assert colours[int(t[p, 1])] in present or not present  # a small shape may miss a corner patch
         assert t[:, 3].tolist() == [r // 2 for r in range(8) for _ in range(8)]
         assert t[:, 4].tolist() == [c // 2 for _ in range(8) for c in range(8)]
+
+
+def test_probe_loss_reads_ordinals_as_thermometer_bits():
+    """A probe that outputs the right classes and bits (large margins) has ~0 loss; one off by a
+    single row or column does not."""
+    from vskip_kernels.tinyvlm.data import PATCH_CLASSES, patch_targets
+    from vskip_kernels.tinyvlm.train import PROBE_OUTPUTS, probe_loss
+
+    target = patch_targets(samples("train", 0, 3), 8)
+
+    def logits_for(t):
+        parts = []
+        for k, n in enumerate(PROBE_OUTPUTS):
+            if k < len(PATCH_CLASSES):
+                parts.append(torch.nn.functional.one_hot(t[..., k], n).float() * 40 - 20)
+            else:
+                parts.append(torch.where(t[..., k, None] > torch.arange(n), 20.0, -20.0))
+        return torch.cat(parts, -1)
+
+    assert probe_loss(logits_for(target), target) < 1e-6
+    shifted = target.clone()
+    shifted[..., -1] = (shifted[..., -1] + 1) % 4  # every column off by one (3 wraps to 0)
+    assert probe_loss(logits_for(shifted), target) > 1.0

@@ -56,12 +56,31 @@ def encode_training(processor, batch: list[Sample], *, text_only: bool = False) 
     return enc
 
 
+def _balanced_turns(candidates, exclude: str, n: int, rng) -> list[tuple[str, str]]:
+    """Up to n (question, answer) pairs, question types taken in turn (random order within and
+    across types): a scene offers about four count questions for every position question, and
+    the spatial types are the slow ones to learn."""
+    by_type: dict[str, list[tuple[str, str]]] = {}
+    for q, a, t in candidates:
+        if q != exclude:
+            by_type.setdefault(t, []).append((q, a))
+    queues = [[group[int(i)] for i in rng.permutation(len(group))] for _, group in sorted(by_type.items())]
+    queues = [queues[int(i)] for i in rng.permutation(len(queues))]
+    out: list[tuple[str, str]] = []
+    while len(out) < n and any(queues):
+        for queue in queues:
+            if queue and len(out) < n:
+                out.append(queue.pop())
+    return out
+
+
 def encode_training_dialogues(processor, batch: list[Sample], questions: int, rng) -> dict:
     """Like ``encode_training``, but each image is followed by up to ``questions`` question/answer turns.
 
     The first turn is the sample's own (balanced) question, in exactly the prompt format
     evaluation uses; later turns are other questions about the same scene
-    (``task.scene_questions``), drawn with ``rng`` (a numpy Generator). Labels cover every
+    (``task.scene_questions``), drawn with ``rng`` (a numpy Generator), one question type
+    after another. Labels cover every
     answer and its EOS. The image's 64 tokens are most of a row's cost, so more turns give
     more signal per step for little extra time.
     """
@@ -80,9 +99,7 @@ def encode_training_dialogues(processor, batch: list[Sample], questions: int, rn
     for i, s in enumerate(batch):
         keep = first["attention_mask"][i].bool()
         row, lab = first["input_ids"][i][keep].tolist(), first["labels"][i][keep].tolist()
-        others = [q for q in scene_questions(s.shapes) if q[0] != s.question]
-        for j in rng.permutation(len(others))[:questions - 1]:
-            q, a, _ = others[int(j)]
+        for q, a in _balanced_turns(scene_questions(s.shapes), s.question, questions - 1, rng):
             prompt, answer = ids(q + "\n"), ids(a) + [EOS]
             row += prompt + answer
             lab += [-100] * len(prompt) + answer
@@ -97,8 +114,12 @@ def encode_training_dialogues(processor, batch: list[Sample], questions: int, rn
 
 
 # What each visual token's feature is trained to say about its patch (``patch_targets``):
-# the cell's shape, colour and size (class 0: empty cell) and the cell's row and column.
-PATCH_TARGETS = {"kind": 1 + len(SHAPES), "colour": 1 + len(COLOURS), "size": 1 + len(SIZES), "row": GRID, "col": GRID}
+# the cell's shape, colour and size (class 0: empty cell), and the cell's row and column as
+# ordinals. Ordinals are read as thermometer bits (row > 0, row > 1, ...): "left of" and
+# "in the top half" are then single directions of the feature, not comparisons of classes.
+PATCH_CLASSES = {"kind": 1 + len(SHAPES), "colour": 1 + len(COLOURS), "size": 1 + len(SIZES)}
+PATCH_ORDINALS = {"row": GRID, "col": GRID}
+PATCH_TARGETS = {**PATCH_CLASSES, **PATCH_ORDINALS}
 
 
 def patch_targets(batch: list[Sample], patch: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .data import PATCH_TARGETS, encode_training_dialogues, patch_targets
+from .data import PATCH_CLASSES, PATCH_ORDINALS, encode_training_dialogues, patch_targets
 from .evaluate import accuracy, question_prior_accuracy, teacher_forced_correct
 from .model import build_model, build_processor
 from .task import QUESTION_TYPES, samples
@@ -32,6 +32,23 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+PROBE_OUTPUTS = list(PATCH_CLASSES.values()) + [n - 1 for n in PATCH_ORDINALS.values()]
+
+
+def probe_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over targets: cross-entropy for the classes, binary cross-entropy of the thermometer bits for ordinals."""
+    parts = logits.split(PROBE_OUTPUTS, dim=-1)
+    losses = []
+    for k, part in enumerate(parts):
+        t = target[..., k]
+        if k < len(PATCH_CLASSES):
+            losses.append(torch.nn.functional.cross_entropy(part.flatten(0, -2), t.flatten()))
+        else:
+            bits = (t[..., None] > torch.arange(part.shape[-1])).float()
+            losses.append(torch.nn.functional.binary_cross_entropy_with_logits(part, bits))
+    return sum(losses) / len(losses)
+
+
 def train(*, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 2e-3, warmup: int = 100,
           threads: int = 1, out: str | None = None, log_every: int = 50, eval_every: int = 100,
           arch: dict | None = None, eval_samples: int = EVAL_SAMPLES, command: str | None = None,
@@ -45,7 +62,7 @@ def train(*, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 2e-3
     the same scene).
     probe_weight: weight of the visual-token probe loss: a linear head, used only in
     training and not saved, reads each visual token's cell contents (shape, colour, size)
-    and cell position from the projector's output, so the visual features say what is
+    and cell row and column (``data.PATCH_TARGETS``) from the projector's output, so the visual features say what is
     where (the job a pretrained vision encoder does for LLaVA) and the decoder's
     attention has something to look for from the first steps. 0 turns it off.
     """
@@ -69,7 +86,7 @@ def train(*, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 2e-3
     model.train()
     import numpy as np
 
-    probe = torch.nn.Linear(model.config.text_config.hidden_size, sum(PATCH_TARGETS.values()))
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, sum(PROBE_OUTPUTS))
     visual: list[torch.Tensor] = []
     hook = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: visual.append(out))
     patch = model.config.vision_config.patch_size
@@ -88,10 +105,7 @@ def train(*, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 2e-3
         visual.clear()
         loss = lm_loss = model(**enc).loss
         if probe_weight:
-            logits = probe(visual[0]).split(list(PATCH_TARGETS.values()), dim=-1)
-            target = patch_targets(data, patch)
-            loss = loss + probe_weight * sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1), target[..., k].flatten())
-                                             for k, lg in enumerate(logits)) / len(logits)
+            loss = loss + probe_weight * probe_loss(probe(visual[0]), patch_targets(data, patch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
