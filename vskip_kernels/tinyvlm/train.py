@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--hidden", type=int, default=None, help="text hidden size (default: the shipped architecture)")
     p.add_argument("--ffn", type=int, default=None, help="text FFN size")
+    p.add_argument("--kv-heads", type=int, default=None, help="text key/value heads")
     p.add_argument("--out", default=None, help="folder to save the model, processor and training.json in")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=50)
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--probe-weight", type=float, default=1.0, help="weight of the visual-token probe loss (0: off)")
     a = p.parse_args(argv)
     train(seed=a.seed, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, threads=a.threads, out=a.out,
-          eval_every=a.eval_every, log_every=a.log_every, arch={k: v for k, v in (("hidden", a.hidden), ("ffn", a.ffn)) if v is not None},
+          eval_every=a.eval_every, log_every=a.log_every, arch={k: v for k, v in (("hidden", a.hidden), ("ffn", a.ffn), ("kv_heads", a.kv_heads))
+                                          if v is not None},
           command=" ".join(["python -m vskip_kernels.tinyvlm.train"] + list(sys.argv[1:] if argv is None else argv)),
           init=a.init, first_sample=a.first_sample, questions=a.questions, probe_weight=a.probe_weight, log=lambda s: print(s, flush=True))
     return 0
