@@ -1,7 +1,10 @@
 """Pure-PyTorch backend: the CPU path and the CUDA fallback (fp32, odd head dims).
 
-Tiled online softmax in fp32, per sequence. Rows are split by what they may see
-so the savings are real rather than masked away:
+Small problems (every sequence's full score matrix within ``_SMALL_BUDGET`` fp32
+elements) run as one masked softmax over the batch: at a few hundred tokens
+per sequence, per-row-set work is all Python overhead and there is nothing to save.
+Larger ones: tiled online softmax in fp32, per sequence. Rows are split by what they
+may see so the savings are real rather than masked away:
 
 * unrestricted rows (text queries; visual queries under ``dense``) attend every
   real key at or before them;
@@ -30,6 +33,11 @@ from ...kinds import KIND_PAD, KIND_TEXT, KIND_VISUAL
 _KEY_CHUNK = 512
 _SCORE_BUDGET = 1 << 22  # fp32 score elements per step: bounds the working set to ~16 MiB per temporary
 _MAX_ROW_CHUNK = 1024
+# Problems this small (every sequence's full score matrix within _SCORE_BUDGET) run as one
+# masked batch instead of per-sequence row sets: at a few hundred tokens the row-set path
+# is all Python and launch overhead (seven times slower than the model's eager attention
+# on the demo's 80-token prompts), and there is nothing worth skipping.
+_SMALL_BUDGET = _SCORE_BUDGET
 _NEG_INF = float("-inf")
 
 
@@ -140,9 +148,69 @@ def _run_rows(b, q, k, v, rows, qpos, keys, scale, results, want_out, with_self)
             out[b].index_copy_(1, r, o.view(hq, c, d).to(out.dtype))
 
 
+def _allowed(kind, qpos, policy, visual_self):
+    """bool [B, S, Nk]: may the query at qpos[s] of sequence b attend key j (the policies' rule)."""
+    nk = kind.shape[1]
+    keys = torch.arange(nk, device=kind.device)
+    causal = keys[None, :] <= qpos[:, None]
+    qk = kind.index_select(1, qpos)[:, :, None]
+    kk = kind[:, None, :]
+    q_vis = qk == KIND_VISUAL
+    unrestricted = (qk == KIND_TEXT) | (q_vis if policy == "dense" else torch.zeros_like(q_vis))
+    allowed = causal & unrestricted & (kk != KIND_PAD)
+    if policy == "vskip":
+        allowed |= causal & q_vis & (kk == KIND_TEXT)
+        if visual_self:
+            allowed |= q_vis & (keys[None, :] == qpos[:, None])
+    return allowed
+
+
+def _forward_small(q, k, v, kind, qpos, policy, visual_self, scale, want_out, want_mass, want_lse):
+    """The whole batch as one masked softmax (small problems)."""
+    bsz, hq, s_len, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    allowed = _allowed(kind, qpos, policy, visual_self)[:, None, None]  # [B, 1, 1, S, Nk]
+    qf = (q.float() * scale).view(bsz, hkv, g, s_len, d)  # not in place: q.float() may be q
+    s = torch.matmul(qf, k.float()[:, :, None].transpose(-1, -2)).masked_fill_(~allowed, _NEG_INF)
+    m = s.amax(-1)
+    empty = m == _NEG_INF  # no allowed key; NaN rows are not "empty" and keep their NaN
+    m_safe = torch.where(empty, 0.0, m)
+    p = s.sub_(m_safe[..., None]).exp_()
+    # one P @ [1, is_visual] product gives the row sum and the visual sum (mass <= 1 exactly
+    # when every allowed key is visual, as in the row-set path)
+    vis = (kind == KIND_VISUAL).float()
+    sums = torch.matmul(p, torch.stack([torch.ones_like(vis), vis], -1)[:, None, None])
+    l, lv = sums[..., 0], sums[..., 1]
+    safe_l = torch.where(empty, 1.0, l)
+    out = mass = lse = None
+    if want_out:
+        vf = v.float()[:, :, None]
+        finite = torch.isfinite(vf)
+        if bool(finite.all()):
+            o = torch.matmul(p, vf)
+        else:
+            # masked probabilities are exact zeros, but 0 * inf is NaN: multiply by finite
+            # values, then poison exactly the (row, dim) pairs that attend a non-finite value
+            o = torch.matmul(p, torch.where(finite, vf, 0.0))
+            hit = torch.matmul(allowed.float(), (~finite).float()) > 0
+            o = torch.where(hit, torch.matmul(p, vf), o)
+        o = o / safe_l[..., None]
+        out = torch.empty_like(q)  # q's strides, as the fake impl (empty_like) promises
+        out.copy_(torch.where(empty[..., None], 0.0, o).view(bsz, hq, s_len, d))
+    if want_mass:
+        mass = torch.where(empty, 0.0, lv / safe_l).view(bsz, hq, s_len)
+    if want_lse:
+        lse = torch.where(empty, _NEG_INF, m_safe + torch.log(safe_l)).view(bsz, hq, s_len)
+    return out, mass, lse
+
+
 def _forward(q, k, v, kind, qpos, policy, visual_self, scale, want_out, want_mass, want_lse):
     """Shared driver. q [B, Hq, S, D] are queries at key positions qpos (long [S], any order)."""
     bsz, hq, s_len, d = q.shape
+    if bsz * hq * s_len * k.shape[2] <= _SMALL_BUDGET:
+        return _forward_small(q, k, v, kind.to(device=q.device, dtype=torch.int8), qpos, policy, visual_self, scale,
+                              want_out, want_mass, want_lse)
     dev = q.device
     out = torch.zeros_like(q) if want_out else None  # q's strides, as the fake impl (empty_like) promises
     mass = torch.zeros(bsz, hq, s_len, dtype=torch.float32, device=dev) if want_mass else None

@@ -10,7 +10,7 @@ the decode and visual-mass kernels: NaN/inf in q spoils only that query's row; i
 key j, exactly the rows allowed to attend j (masked scores become -inf first); in v at
 key j, the rows attending j and possibly other rows that share a key tile with j
 (0 * NaN in P @ V). Rows with no allowed key stay exact zeros (mass 0, lse -inf), and a
-NaN running sum is never mistaken for an empty row (python_tests/test_hardening_inputs.py).
+NaN running sum is never mistaken for an empty row (python_tests/ops/test_hardening_inputs.py).
 """
 from __future__ import annotations
 
