@@ -94,9 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="calibrate, apply and compare every method on the shipped tiny VLM")
     dm.add_argument("--quick", action="store_true", help="fewer samples, one N, one timing run (a few minutes on a CPU)")
     dm.add_argument("--calibration-samples", type=int, default=None, help="default 32 (16 with --quick)")
-    dm.add_argument("--eval-samples", type=int, default=None, help="default 100 (48 with --quick)")
+    dm.add_argument("--eval-samples", type=int, default=None, help="default 200 (48 with --quick)")
     dm.add_argument("--budgets", type=_parse_budgets, default=None, metavar="N[,N...]",
-                    help="numbers of layers to skip (default 3,6,9; with --quick a third of the layers)")
+                    help="numbers of layers to skip (default every even N below the layer count: 2,4,6,8,10 "
+                         "for the shipped model; with --quick a third of the layers)")
     dm.add_argument("--model", default=None, help="a tiny VLM folder written by `python -m vskip_kernels.tinyvlm.train` "
                                                   "(default: the shipped one)")
     dm.add_argument("--plot", default=None, metavar="OUT.png",
