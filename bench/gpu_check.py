@@ -24,6 +24,7 @@ them to bench/results and run bench/make_table.py, which combines the parts). A 
 ``--smoke`` rehearses the same steps on CPU: the install is a dry run, the CUDA tests are
 collected (and skipped), and the benchmarks run their tiny smoke shapes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,45 +103,126 @@ def plan_steps(args) -> list[Step]:
     if install_mode == "auto":
         install_mode = "dry-run" if smoke else "real"
     if install_mode != "skip":
-        steps.append(Step("install", "a", 300, [py, os.path.join("bench", "gpu_check.py"), "--do-install",
-                                                install_mode],
-                          "editable install without a package index "
-                          "(builds the native extension; with CUDA kernels when nvcc is there)",
-                          env={"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-                               "MAX_JOBS": str(os.cpu_count() or 4)}, min_s=60))
-    steps.append(Step("env", "a", 60, [py, os.path.join("bench", "gpu_check.py"), "--print-env"],
-                      "versions, GPU, native extension", min_s=5))
+        steps.append(
+            Step(
+                "install",
+                "a",
+                300,
+                [py, os.path.join("bench", "gpu_check.py"), "--do-install", install_mode],
+                "editable install without a package index "
+                "(builds the native extension; with CUDA kernels when nvcc is there)",
+                env={"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "MAX_JOBS": str(os.cpu_count() or 4)},
+                min_s=60,
+            )
+        )
+    steps.append(
+        Step(
+            "env",
+            "a",
+            60,
+            [py, os.path.join("bench", "gpu_check.py"), "--print-env"],
+            "versions, GPU, native extension",
+            min_s=5,
+        )
+    )
     junit = os.path.join(args.out, "junit-cuda.xml")
-    pytest = [py, "-m", "pytest", "python_tests", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider",
-              "--continue-on-collection-errors",
-              "--durations=15", f"--junitxml={junit}"]
+    pytest = [
+        py,
+        "-m",
+        "pytest",
+        "python_tests",
+        "-m",
+        "cuda",
+        "-q",
+        "-rfEs",
+        "-p",
+        "no:cacheprovider",
+        "--continue-on-collection-errors",
+        "--durations=15",
+        f"--junitxml={junit}",
+    ]
     if args.pytest_workers > 0:
         pytest += ["-n", str(args.pytest_workers)]
     if args.test_timeout > 0:
         pytest += [f"--timeout={args.test_timeout}"]
-    steps.append(Step("pytest-cuda", "a", 240, pytest,
-                      "pytest -m cuda: native Triton kernels on CUDA tensors, CUDA schedule kernel, "
-                      "CUDA-graph decode, FlexAttention/flash-attn baselines", min_s=30))
+    steps.append(
+        Step(
+            "pytest-cuda",
+            "a",
+            240,
+            pytest,
+            "pytest -m cuda: native Triton kernels on CUDA tensors, CUDA schedule kernel, "
+            "CUDA-graph decode, FlexAttention/flash-attn baselines",
+            min_s=30,
+        )
+    )
     shapes = lambda names: [] if smoke else ["--shapes", *names]
     timing = [] if smoke else list(KERNEL_TIMING)
-    steps.append(Step("attention", "b", 270, bench + ["attention"] + shapes(ATTENTION_SHAPES) + timing + common,
-                      "prefill attention: LLaVA-1.5, LLaVA-NeXT, OneVision, 32k video", needs_gpu=True, min_s=40))
-    steps.append(Step("visual_mass", "b", 120, bench + ["visual_mass"] + shapes(MASS_SHAPES) + timing + common,
-                      "visual attention mass at N 651, 3k, 8k, 32k", needs_gpu=True, min_s=30))
-    steps.append(Step("decode", "c", 90, bench + ["decode"] + timing + common,
-                      "decode attention against 4k-32k caches", needs_gpu=True, min_s=30))
+    steps.append(
+        Step(
+            "attention",
+            "b",
+            270,
+            bench + ["attention"] + shapes(ATTENTION_SHAPES) + timing + common,
+            "prefill attention: LLaVA-1.5, LLaVA-NeXT, OneVision, 32k video",
+            needs_gpu=True,
+            min_s=40,
+        )
+    )
+    steps.append(
+        Step(
+            "visual_mass",
+            "b",
+            120,
+            bench + ["visual_mass"] + shapes(MASS_SHAPES) + timing + common,
+            "visual attention mass at N 651, 3k, 8k, 32k",
+            needs_gpu=True,
+            min_s=30,
+        )
+    )
+    steps.append(
+        Step(
+            "decode",
+            "c",
+            90,
+            bench + ["decode"] + timing + common,
+            "decode attention against 4k-32k caches",
+            needs_gpu=True,
+            min_s=30,
+        )
+    )
     models = lambda names: [] if smoke else ["--models", *names]
     model_timing = [] if smoke else list(MODEL_TIMING)
     # TTFT targets first: prefill does not depend on how decode runs, and eager decode
     # spares a CUDA-graph compile per method
-    steps.append(Step("model", "c", 240, bench + ["model"] + models(TTFT_MODELS) + ["--decode-mode", "eager"]
-                      + model_timing + common, "model level, TTFT targets: " + ", ".join(TTFT_MODELS),
-                      needs_gpu=True, min_s=60))
+    steps.append(
+        Step(
+            "model",
+            "c",
+            240,
+            bench + ["model"] + models(TTFT_MODELS) + ["--decode-mode", "eager"] + model_timing + common,
+            "model level, TTFT targets: " + ", ".join(TTFT_MODELS),
+            needs_gpu=True,
+            min_s=60,
+        )
+    )
     # the decode target: CUDA-graph decode, FlashVLM against dense first
-    steps.append(Step("model-graphs", "c", 300, bench + ["model"] + models(DECODE_MODELS) + ["--decode-mode", "graphs",
-                      "--methods", *DECODE_METHODS] + model_timing + common,
-                      "model level, CUDA-graph decode target: " + ", ".join(DECODE_MODELS), needs_gpu=True,
-                      min_s=90))
+    steps.append(
+        Step(
+            "model-graphs",
+            "c",
+            300,
+            bench
+            + ["model"]
+            + models(DECODE_MODELS)
+            + ["--decode-mode", "graphs", "--methods", *DECODE_METHODS]
+            + model_timing
+            + common,
+            "model level, CUDA-graph decode target: " + ", ".join(DECODE_MODELS),
+            needs_gpu=True,
+            min_s=90,
+        )
+    )
     return steps
 
 
@@ -182,8 +264,16 @@ def run_step(step: Step, cap_s: float, log, args) -> tuple[int | None, bool, flo
     log.flush()
     t0 = time.monotonic()
     try:
-        proc = subprocess.Popen(step.argv, cwd=REPO, env=child_env(args, step.env), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+        proc = subprocess.Popen(
+            step.argv,
+            cwd=REPO,
+            env=child_env(args, step.env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
     except OSError as exc:
         msg = f"could not start: {exc}"
         log.write(msg + "\n")
@@ -257,7 +347,9 @@ def junit_counts(path: str) -> dict | None:
 
 
 def result_files(out: str) -> set:
-    return set(glob.glob(os.path.join(out, "results", "*.json")) + glob.glob(os.path.join(out, "results", "smoke", "*.json")))
+    return set(
+        glob.glob(os.path.join(out, "results", "*.json")) + glob.glob(os.path.join(out, "results", "smoke", "*.json"))
+    )
 
 
 def describe_result(path: str) -> dict:
@@ -279,8 +371,11 @@ def describe_result(path: str) -> dict:
         "results": sum(len(c.get("results", [])) for c in cases),
         "skipped": sorted({f"{s['backend']}: {s['reason'][:100]}" for c in cases for s in c.get("skipped", [])}),
         "checks_pass": sum(1 for c in applies if c.get("passed") is True),
-        "checks_fail": [f"{c['name']} [{c.get('shape') or c.get('model') or ''}] = {_num(c.get('value'))} "
-                        f"(target {c['target']})" for c in applies if c.get("passed") is False],
+        "checks_fail": [
+            f"{c['name']} [{c.get('shape') or c.get('model') or ''}] = {_num(c.get('value'))} (target {c['target']})"
+            for c in applies
+            if c.get("passed") is False
+        ],
     }
 
 
@@ -305,8 +400,11 @@ def do_install(mode: str) -> int:
     if nvcc and os.path.exists(nvcc):
         print(f"install: nvcc found ({nvcc}); the native extension is built with its CUDA kernels", flush=True)
     else:
-        print("install: no nvcc (CUDA_HOME not found); the native extension is built for CPU only, and "
-              "plan_schedule on CUDA tensors uses its PyTorch fallback", flush=True)
+        print(
+            "install: no nvcc (CUDA_HOME not found); the native extension is built for CPU only, and "
+            "plan_schedule on CUDA tensors uses its PyTorch fallback",
+            flush=True,
+        )
     if mode == "dry-run":
         cmd = [py, *PIP_INSTALL[:3], "--dry-run", *PIP_INSTALL[3:]]
         print("$ " + shlex.join(cmd), flush=True)
@@ -316,14 +414,17 @@ def do_install(mode: str) -> int:
     rc = subprocess.call(cmd, cwd=REPO)
     if rc != 0:
         cmd = [py, "setup.py", "build_ext", "--inplace"]
-        print(f"install: pip failed (exit {rc}); building the extension in place instead\n$ {shlex.join(cmd)}",
-              flush=True)
+        print(
+            f"install: pip failed (exit {rc}); building the extension in place instead\n$ {shlex.join(cmd)}", flush=True
+        )
         rc = subprocess.call(cmd, cwd=REPO)
-    check = ("import torch, vskip_kernels; from vskip_kernels import _native; "
-             "print('install: vskip_kernels', vskip_kernels.__version__, 'from', vskip_kernels.__file__); "
-             "print('install: native extension', 'loaded' if _native.available() else 'NOT loaded', "
-             "'with CUDA schedule kernel' if _native.available() and "
-             "torch._C._dispatch_has_kernel_for_dispatch_key('vskip::plan_schedule', 'CUDA') else '')")
+    check = (
+        "import torch, vskip_kernels; from vskip_kernels import _native; "
+        "print('install: vskip_kernels', vskip_kernels.__version__, 'from', vskip_kernels.__file__); "
+        "print('install: native extension', 'loaded' if _native.available() else 'NOT loaded', "
+        "'with CUDA schedule kernel' if _native.available() and "
+        "torch._C._dispatch_has_kernel_for_dispatch_key('vskip::plan_schedule', 'CUDA') else '')"
+    )
     ok = subprocess.call([py, "-c", check], cwd=REPO)
     return rc or ok
 
@@ -347,8 +448,13 @@ def print_env() -> int:
     info["torch_cuda"] = torch.version.cuda
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, capability="sm%d%d" % (p.major, p.minor), sm_count=p.multi_processor_count,
-                    memory_gib=round(p.total_memory / 2**30, 1), gpu_count=torch.cuda.device_count())
+        info.update(
+            gpu=p.name,
+            capability="sm%d%d" % (p.major, p.minor),
+            sm_count=p.multi_processor_count,
+            memory_gib=round(p.total_memory / 2**30, 1),
+            gpu_count=torch.cuda.device_count(),
+        )
     from torch.utils.cpp_extension import CUDA_HOME
 
     info["cuda_home"] = CUDA_HOME is not None
@@ -358,8 +464,9 @@ def print_env() -> int:
     from vskip_kernels import _native
 
     info["native_extension"] = _native.available()
-    info["native_cuda_schedule"] = bool(_native.available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "vskip::plan_schedule", "CUDA"))
+    info["native_cuda_schedule"] = bool(
+        _native.available() and torch._C._dispatch_has_kernel_for_dispatch_key("vskip::plan_schedule", "CUDA")
+    )
     info["triton_interpret"] = os.environ.get("TRITON_INTERPRET") == "1"
     print(json.dumps(info))
     return 0
@@ -389,15 +496,19 @@ def judge(step: Step, rc, timed_out, seconds, tail, args, before: set) -> Outcom
         except json.JSONDecodeError:
             out.info = {}
         e = out.info
-        out.detail = (f"{e.get('gpu') or 'no GPU'}; torch {e.get('torch')}, triton {e.get('triton')}, "
-                      f"transformers {e.get('transformers')}; native extension "
-                      f"{'with CUDA schedule kernel' if e.get('native_cuda_schedule') else 'CPU only' if e.get('native_extension') else 'absent'}")
+        out.detail = (
+            f"{e.get('gpu') or 'no GPU'}; torch {e.get('torch')}, triton {e.get('triton')}, "
+            f"transformers {e.get('transformers')}; native extension "
+            f"{'with CUDA schedule kernel' if e.get('native_cuda_schedule') else 'CPU only' if e.get('native_extension') else 'absent'}"
+        )
     elif step.name == "pytest-cuda":
         counts = junit_counts(os.path.join(args.out, "junit-cuda.xml"))
         if counts:
             out.info = counts
-            out.detail = (f"{counts['passed']} passed, {counts['failures'] + counts['errors']} failed, "
-                          f"{counts['skipped']} skipped")
+            out.detail = (
+                f"{counts['passed']} passed, {counts['failures'] + counts['errors']} failed, "
+                f"{counts['skipped']} skipped"
+            )
             if rc == 5 or counts["tests"] == 0:
                 out.status, out.detail = "failed", "no test collected"
         elif status != "timeout":
@@ -408,7 +519,7 @@ def judge(step: Step, rc, timed_out, seconds, tail, args, before: set) -> Outcom
         if "dry-run" in step.argv:
             out.detail = "dry run: pip prepares the package without an index" if rc == 0 else out.detail
         elif said:
-            out.detail = said[-1][len("install: "):].strip()
+            out.detail = said[-1][len("install: ") :].strip()
             if "NOT loaded" in out.detail:
                 out.status = "failed"
     new = sorted(result_files(args.out) - before)
@@ -420,8 +531,10 @@ def judge(step: Step, rc, timed_out, seconds, tail, args, before: set) -> Outcom
             if "error" in r:
                 parts.append(r["error"])
                 continue
-            parts.append(f"{r['cases']} cases{'' if r['complete'] else ' (partial)'}, "
-                         f"targets {r['checks_pass']} met / {len(r['checks_fail'])} missed")
+            parts.append(
+                f"{r['cases']} cases{'' if r['complete'] else ' (partial)'}, "
+                f"targets {r['checks_pass']} met / {len(r['checks_fail'])} missed"
+            )
         out.detail = "; ".join(parts)
     elif is_benchmark(step) and status == "ok":
         out.status, out.detail = "failed", "exited 0 but wrote no result file"
@@ -431,9 +544,11 @@ def judge(step: Step, rc, timed_out, seconds, tail, args, before: set) -> Outcom
 
 
 def summary_text(outcomes: list[Outcome], env: dict, budget: float, used: float, smoke: bool) -> str:
-    head = (f"gpu_check{' --smoke' if smoke else ''}: {env.get('gpu') or 'no GPU'}; torch {env.get('torch', '?')}, "
-            f"triton {env.get('triton', '?')}, transformers {env.get('transformers', '?')}; "
-            f"{used:.0f} of {budget:.0f} s")
+    head = (
+        f"gpu_check{' --smoke' if smoke else ''}: {env.get('gpu') or 'no GPU'}; torch {env.get('torch', '?')}, "
+        f"triton {env.get('triton', '?')}, transformers {env.get('transformers', '?')}; "
+        f"{used:.0f} of {budget:.0f} s"
+    )
     lines = [head]
     for o in outcomes:
         lines.append(f"  {o.status.upper():8s} {o.group} {o.name:12s} {o.seconds:6.0f} s  {o.detail}")
@@ -455,19 +570,32 @@ def summary_text(outcomes: list[Outcome], env: dict, budget: float, used: float,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="output folder (default: $OUT when set, else bench/gpu_check_out)")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
-                   help="total seconds for all steps (default: %(default)s)")
+    p.add_argument(
+        "--budget", type=float, default=DEFAULT_BUDGET_S, help="total seconds for all steps (default: %(default)s)"
+    )
     p.add_argument("--smoke", action="store_true", help="CPU rehearsal: dry-run install, tiny benchmark shapes")
     p.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run only these steps")
     p.add_argument("--skip", nargs="+", default=None, metavar="STEP", help="leave these steps out")
-    p.add_argument("--install", choices=("auto", "real", "dry-run", "skip"), default="auto",
-                   help="auto: a real editable install on the GPU, a dry run with --smoke")
+    p.add_argument(
+        "--install",
+        choices=("auto", "real", "dry-run", "skip"),
+        default="auto",
+        help="auto: a real editable install on the GPU, a dry run with --smoke",
+    )
     p.add_argument("--python", default=sys.executable, help="interpreter for every step (default: this one)")
-    p.add_argument("--pytest-workers", type=int, default=None,
-                   help="pytest-xdist workers for the CUDA tests (compiling kernels dominates their time); "
-                        "default: up to 8 when xdist is installed and a GPU is present, else 0")
-    p.add_argument("--test-timeout", type=int, default=None,
-                   help="per-test timeout (pytest-timeout); default 150 s when installed, else none")
+    p.add_argument(
+        "--pytest-workers",
+        type=int,
+        default=None,
+        help="pytest-xdist workers for the CUDA tests (compiling kernels dominates their time); "
+        "default: up to 8 when xdist is installed and a GPU is present, else 0",
+    )
+    p.add_argument(
+        "--test-timeout",
+        type=int,
+        default=None,
+        help="per-test timeout (pytest-timeout); default 150 s when installed, else none",
+    )
     p.add_argument("--list", action="store_true", help="print the planned steps and exit")
     p.add_argument("--print-env", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--do-install", choices=("real", "dry-run"), default=None, help=argparse.SUPPRESS)
@@ -498,8 +626,9 @@ def main(argv=None) -> int:
     args.out = os.path.abspath(args.out or os.environ.get("OUT") or os.path.join(REPO, "bench", "gpu_check_out"))
     gpu = _has_gpu()
     if args.pytest_workers is None:
-        args.pytest_workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if gpu and _importable(
-            args.python, "xdist") else 0
+        args.pytest_workers = (
+            min(8, max(1, (os.cpu_count() or 2) // 2)) if gpu and _importable(args.python, "xdist") else 0
+        )
     if args.test_timeout is None:
         args.test_timeout = 150 if _importable(args.python, "pytest_timeout") else 0
     steps = select(plan_steps(args), args.only, args.skip)
@@ -512,16 +641,25 @@ def main(argv=None) -> int:
     outcomes: list[Outcome] = []
     env: dict = {}
     with open(os.path.join(args.out, "gpu_check.log"), "a") as log:
-        log.write(f"===== gpu_check {'--smoke ' if args.smoke else ''}budget {args.budget:.0f} s, "
-                  f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+        log.write(
+            f"===== gpu_check {'--smoke ' if args.smoke else ''}budget {args.budget:.0f} s, "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+        )
         for step in steps:
             left = args.budget - (time.monotonic() - start)
             if step.needs_gpu and not args.smoke and not gpu:
                 outcomes.append(Outcome(step.name, step.group, "skipped", 0.0, detail="no CUDA GPU (nvidia-smi)"))
                 continue
             if left < step.min_s:
-                outcomes.append(Outcome(step.name, step.group, "skipped", 0.0,
-                                        detail=f"budget spent ({left:.0f} s left, needs {step.min_s})"))
+                outcomes.append(
+                    Outcome(
+                        step.name,
+                        step.group,
+                        "skipped",
+                        0.0,
+                        detail=f"budget spent ({left:.0f} s left, needs {step.min_s})",
+                    )
+                )
                 continue
             cap = min(step.cap_s, left)
             print(f"[gpu_check] {step.name} (cap {cap:.0f} s): {step.what}", flush=True)
@@ -538,8 +676,14 @@ def main(argv=None) -> int:
         used = time.monotonic() - start
         text = summary_text(outcomes, env, args.budget, used, args.smoke)
         log.write("\n" + text + "\n")
-    doc = {"format": "vskip-gpu-check/1", "smoke": args.smoke, "budget_s": args.budget, "used_s": round(used, 1),
-           "env": env, "steps": [o.__dict__ for o in outcomes]}
+    doc = {
+        "format": "vskip-gpu-check/1",
+        "smoke": args.smoke,
+        "budget_s": args.budget,
+        "used_s": round(used, 1),
+        "env": env,
+        "steps": [o.__dict__ for o in outcomes],
+    }
     tmp = os.path.join(args.out, "summary.json.tmp")
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)

@@ -5,6 +5,7 @@
 A wrapper of ``vskip_kernels.bench.table`` with this repository's folders as defaults
 (wherever it is run from); see that module.
 """
+
 import os
 import sys
 

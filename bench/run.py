@@ -3,6 +3,7 @@
 The same as ``vskip bench ...`` and ``python -m vskip_kernels.bench ...`` (the suites live in
 ``vskip_kernels/bench/``); see bench/README.md.
 """
+
 import os
 import sys
 

@@ -6,6 +6,7 @@ report timings, they assert none. The JSON suites (``vskip bench``, vskip_kernel
 are the source of the README numbers; this file is for quick comparisons with pytest-benchmark's
 tooling (--benchmark-compare, --benchmark-histogram).
 """
+
 import pytest
 import torch
 
@@ -41,8 +42,9 @@ def _setup(shape, nq=None):
 
 def _decode_setup(n):
     """One new query against a cache of ``n`` positions, heads as in the decode suite."""
-    shape = cases.AttnShape(f"decode-n{n}", "decode", *((28, 4, 128) if CUDA else (4, 2, 16)),
-                            cases.one_image(n - cases.SYS - cases.PROMPT))
+    shape = cases.AttnShape(
+        f"decode-n{n}", "decode", *((28, 4, 128) if CUDA else (4, 2, 16)), cases.one_image(n - cases.SYS - cases.PROMPT)
+    )
     return _setup(shape, nq=1)
 
 

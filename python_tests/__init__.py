@@ -10,6 +10,7 @@ name); package-wide checks at the top. Helpers used by one folder live in it;
 ``_shared.py`` (kernel test helpers and the tolerance rule, also used by
 test_cuda_integration.py) serve several.
 """
+
 from pathlib import Path
 
 # The checkout the tests belong to (subprocess tests put it on PYTHONPATH; csrc/ lives there).

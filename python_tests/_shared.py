@@ -1,5 +1,6 @@
 """Helpers shared by the kernel test files (ops/) and the CUDA integration test: layout
 builders, random inputs and the tolerance rule (``from python_tests._shared import ...``)."""
+
 from __future__ import annotations
 
 import torch

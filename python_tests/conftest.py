@@ -14,8 +14,9 @@ import pytest
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped when none is present)")
     config.addinivalue_line("markers", "slow: long-running test")
-    config.addinivalue_line("markers", "hf: Hugging Face integration; CI also runs these under the oldest "
-                                       "supported transformers")
+    config.addinivalue_line(
+        "markers", "hf: Hugging Face integration; CI also runs these under the oldest supported transformers"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -53,8 +54,16 @@ def pytest_make_parametrize_id(config, val, argname):
     if argname == "nq" and val is None:
         return "nqfull"
     if isinstance(val, int):
-        prefix = {"d": "d", "head_dim": "d", "n": "N", "nk": "N", "nq": "nq", "bs": "bs", "gqa": "gqa",
-                  "group": "gqa"}.get(argname)
+        prefix = {
+            "d": "d",
+            "head_dim": "d",
+            "n": "N",
+            "nk": "N",
+            "nq": "nq",
+            "bs": "bs",
+            "gqa": "gqa",
+            "group": "gqa",
+        }.get(argname)
         return None if prefix is None else f"{prefix}{val}"
     if isinstance(val, tuple) and len(val) == 2 and all(isinstance(x, int) for x in val):
         if argname in ("block", "blocks"):

@@ -5,6 +5,7 @@ eval mode. ``make_inputs`` lays out prompts as text, image placeholder runs and 
 left-padded to a common length, with exactly as many placeholder tokens as the
 vision tower produces features for each image.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,8 +51,15 @@ def _finish(model, seed):
 
 
 def _clip_vision(image_size=8, patch_size=4):
-    return tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=image_size, patch_size=patch_size, projection_dim=32)
+    return tf.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
 
 
 def tiny_llama(seed: int = 0, layers: int = 3, head_dim: int = 16):
@@ -93,8 +101,15 @@ def tiny_llava_next(seed: int = 0, layers: int = 3, head_dim: int = 16):
 
 def tiny_llava_onevision(seed: int = 0, layers: int = 3, head_dim: int = 16):
     torch.manual_seed(seed)
-    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                   image_size=8, patch_size=4, vision_use_head=False)
+    vision = tf.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=8,
+        patch_size=4,
+        vision_use_head=False,
+    )
     cfg = tf.LlavaOnevisionConfig(
         vision_config=vision,
         text_config=tf.Qwen2Config(**_text_kwargs(layers, head_dim)),
@@ -118,18 +133,35 @@ def _mrope_text(layers, head_dim, cls):
 
 
 def _qwen_common(layers, head_dim):
-    return dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID,
-                vision_end_token_id=VISION_END_ID, pad_token_id=PAD_ID)
+    return dict(
+        image_token_id=IMAGE_ID,
+        video_token_id=VIDEO_ID,
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+        pad_token_id=PAD_ID,
+    )
 
 
 def tiny_qwen2_vl(seed: int = 0, layers: int = 3, head_dim: int = 16):
     torch.manual_seed(seed)
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
 
-    vision = Qwen2VLVisionConfig(depth=1, embed_dim=32, hidden_size=HEADS * head_dim, num_heads=2, mlp_ratio=2,
-                                 patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    cfg = tf.Qwen2VLConfig(text_config=_mrope_text(layers, head_dim, Qwen2VLTextConfig), vision_config=vision,
-                           **_qwen_common(layers, head_dim))
+    vision = Qwen2VLVisionConfig(
+        depth=1,
+        embed_dim=32,
+        hidden_size=HEADS * head_dim,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
+    cfg = tf.Qwen2VLConfig(
+        text_config=_mrope_text(layers, head_dim, Qwen2VLTextConfig),
+        vision_config=vision,
+        **_qwen_common(layers, head_dim),
+    )
     return _finish(tf.Qwen2VLForConditionalGeneration(cfg), seed)
 
 
@@ -140,11 +172,24 @@ def tiny_qwen2_5_vl(seed: int = 0, layers: int = 3, head_dim: int = 16):
         Qwen2_5_VLVisionConfig,
     )
 
-    vision = Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                                    out_hidden_size=HEADS * head_dim, patch_size=2, spatial_merge_size=2,
-                                    temporal_patch_size=2, in_channels=3, window_size=8, fullatt_block_indexes=[1])
-    cfg = tf.Qwen2_5_VLConfig(text_config=_mrope_text(layers, head_dim, Qwen2_5_VLTextConfig), vision_config=vision,
-                              **_qwen_common(layers, head_dim))
+    vision = Qwen2_5_VLVisionConfig(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=HEADS * head_dim,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        window_size=8,
+        fullatt_block_indexes=[1],
+    )
+    cfg = tf.Qwen2_5_VLConfig(
+        text_config=_mrope_text(layers, head_dim, Qwen2_5_VLTextConfig),
+        vision_config=vision,
+        **_qwen_common(layers, head_dim),
+    )
     return _finish(tf.Qwen2_5_VLForConditionalGeneration(cfg), seed)
 
 
@@ -194,7 +239,8 @@ def _image_features(model, fam, k, g):
         sizes = torch.tensor([size])
         with torch.no_grad():
             feats = model.model.get_image_features(
-                pixel_values=px, image_sizes=sizes,
+                pixel_values=px,
+                image_sizes=sizes,
                 vision_feature_layer=model.config.vision_feature_layer,
                 vision_feature_select_strategy=model.config.vision_feature_select_strategy,
             ).pooler_output
@@ -202,13 +248,19 @@ def _image_features(model, fam, k, g):
         return {"pixel_values": px, "image_sizes": sizes}, n
     vc = model.config.vision_config
     t, h, w = _QWEN_GRIDS[k % len(_QWEN_GRIDS)]
-    dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
     px = torch.randn(t * h * w, dim, generator=g)
-    return {"pixel_values": px, "image_grid_thw": torch.tensor([[t, h, w]])}, t * h * w // vc.spatial_merge_size ** 2
+    return {"pixel_values": px, "image_grid_thw": torch.tensor([[t, h, w]])}, t * h * w // vc.spatial_merge_size**2
 
 
-def make_inputs(model, batch: int = 2, images: list[int] | None = None, text_len: int = 5, seed: int = 0,
-                pad_extra: list[int] | None = None) -> dict:
+def make_inputs(
+    model,
+    batch: int = 2,
+    images: list[int] | None = None,
+    text_len: int = 5,
+    seed: int = 0,
+    pad_extra: list[int] | None = None,
+) -> dict:
     """Input dict for ``model(**inputs)`` / ``model.generate(**inputs)``.
 
     images[i] is the number of images of sample i (default 1 each; text-only families
@@ -250,17 +302,18 @@ def make_inputs(model, batch: int = 2, images: list[int] | None = None, text_len
     attention_mask = torch.zeros(batch, n, dtype=torch.long)
     mm = torch.zeros(batch, n, dtype=torch.long)
     for i, (s, t) in enumerate(zip(seqs, types)):
-        input_ids[i, n - len(s):] = torch.tensor(s)
-        attention_mask[i, n - len(s):] = 1
-        mm[i, n - len(s):] = torch.tensor(t)
+        input_ids[i, n - len(s) :] = torch.tensor(s)
+        attention_mask[i, n - len(s) :] = 1
+        mm[i, n - len(s) :] = torch.tensor(t)
     out = {"input_ids": input_ids, "attention_mask": attention_mask}
     if pix:
         for key in pix[0]:
             if key == "pixel_values" and fam in ("llava_next", "llava_onevision"):
                 # Anyres images have different patch counts; pad the patch axis (the model slices it).
                 m = max(p[key].shape[1] for p in pix)
-                padded = [torch.cat([p[key], p[key].new_zeros(1, m - p[key].shape[1], *p[key].shape[2:])], 1)
-                          for p in pix]
+                padded = [
+                    torch.cat([p[key], p[key].new_zeros(1, m - p[key].shape[1], *p[key].shape[2:])], 1) for p in pix
+                ]
                 out[key] = torch.cat(padded, 0)
             else:
                 out[key] = torch.cat([p[key] for p in pix], 0)
@@ -273,22 +326,25 @@ def sample_inputs(inputs: dict, i: int, model) -> dict:
     """Sample i of a batch from ``make_inputs``, with its padding removed (as if run alone)."""
     fam = _family(model)
     keep = inputs["attention_mask"][i].bool()
-    out = {"input_ids": inputs["input_ids"][i:i + 1, keep], "attention_mask": inputs["attention_mask"][i:i + 1, keep]}
+    out = {
+        "input_ids": inputs["input_ids"][i : i + 1, keep],
+        "attention_mask": inputs["attention_mask"][i : i + 1, keep],
+    }
     if "mm_token_type_ids" in inputs:
-        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][i:i + 1, keep]
+        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][i : i + 1, keep]
     vis = set(v for v in (IMAGE_ID, VIDEO_ID))
     counts = []
     for b in range(inputs["input_ids"].shape[0]):
         ids = inputs["input_ids"][b].tolist()
         # An image is a maximal run of placeholder tokens.
         counts.append(sum(1 for j, t in enumerate(ids) if t in vis and (j == 0 or ids[j - 1] not in vis)))
-    lo, hi = sum(counts[:i]), sum(counts[:i + 1])
+    lo, hi = sum(counts[:i]), sum(counts[: i + 1])
     if hi > lo:
         if fam in ("qwen2_vl", "qwen2_5_vl"):
             grids = inputs["image_grid_thw"]
             sizes = grids.prod(-1).tolist()
             start = sum(sizes[:lo])
-            out["pixel_values"] = inputs["pixel_values"][start:start + sum(sizes[lo:hi])]
+            out["pixel_values"] = inputs["pixel_values"][start : start + sum(sizes[lo:hi])]
             out["image_grid_thw"] = grids[lo:hi]
         else:
             out["pixel_values"] = inputs["pixel_values"][lo:hi]

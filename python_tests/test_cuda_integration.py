@@ -6,6 +6,7 @@ reduce-overhead, as the model benchmark runs it) against eager decode.
 cuda-marked: skipped without a GPU, run by ``pytest python_tests -m cuda`` and
 ``bench/gpu_check.sh``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,17 +72,21 @@ def test_flash_attn_baseline_when_installed():
     dq = q[:, :, -1:].contiguous()
     got = baselines.flash_attn_decode(dq, k, v)().transpose(1, 2)
     ref = attention_ref(dq, k, v, vis, policy="dense")[0]
-    assert_rule("flash-attn decode", got, ref, attention_ref(dq, k, v, vis, policy="dense", upcast=False)[0],
-                atol=1e-3)
+    assert_rule("flash-attn decode", got, ref, attention_ref(dq, k, v, vis, policy="dense", upcast=False)[0], atol=1e-3)
 
 
 def _plans(num_layers):
-    return {name: plan for name, plan, _ in bm.method_plans(num_layers, smoke=True)
-            if name.startswith(("dense (vskip", "flashvlm", "shortv N=2 + vskip"))}
+    return {
+        name: plan
+        for name, plan, _ in bm.method_plans(num_layers, smoke=True)
+        if name.startswith(("dense (vskip", "flashvlm", "shortv N=2 + vskip"))
+    }
 
 
-@pytest.mark.parametrize("method", ["dense (vskip_kernels attention, empty plan)", "flashvlm r=0.2",
-                                    "shortv N=2 + vskip in the other 2 layers"])
+@pytest.mark.parametrize(
+    "method",
+    ["dense (vskip_kernels attention, empty plan)", "flashvlm r=0.2", "shortv N=2 + vskip in the other 2 layers"],
+)
 def test_cuda_graph_decode_of_patched_model(method):
     """The model benchmark's decode path on the GPU: a static cache and compiled
     (reduce-overhead, CUDA graphs) decode steps, with our attention and skip plan applied,
@@ -133,8 +138,11 @@ def test_patched_decode_step_has_no_graph_break():
                 handle.remove()
             torch._dynamo.reset()
         assert fallback is None, (name, fallback)
-        assert fields["decode_graph_breaks"] == 0, (name or "sdpa", fields["decode_graph_count"],
-                                                    fields["decode_graph_breaks"])
+        assert fields["decode_graph_breaks"] == 0, (
+            name or "sdpa",
+            fields["decode_graph_count"],
+            fields["decode_graph_breaks"],
+        )
 
 
 def test_benchmark_timing_on_cuda():

@@ -1,6 +1,7 @@
 """The package's layers point one way: no import cycle between its modules (counting imports
 inside functions, which hide cycles rather than remove them), and no production module
 imports the executable spec (reference.py may use production's vocabulary, not the reverse)."""
+
 import ast
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """vskip_kernels: modality-aware sparse attention and layer skipping for vision-language models."""
+
 from .ops import modality_attention, modality_attention_varlen, visual_attention_mass
 from .plan import SkipPlan
 from .schedule import Schedule, plan_schedule

@@ -1,4 +1,5 @@
 """``python -m vskip_kernels`` runs the ``vskip`` command line."""
+
 import sys
 
 from .cli import main

@@ -7,6 +7,7 @@ The extension is loaded when this module is first imported, not on first use:
 the first use may happen inside torch.compile, which must only see a plain
 module-level flag here (Dynamo ignores lru_cache and would re-run the loading).
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Input checks shared by every public op: bad input fails here, with the argument named."""
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,9 @@ def check_mask_inputs(is_visual, attention_mask, policy) -> None:
     if is_visual.dtype != torch.bool:
         raise TypeError(f"is_visual must have dtype torch.bool, got {is_visual.dtype}")
     if is_visual.shape[0] == 0 or is_visual.shape[1] == 0:
-        raise ValueError(f"is_visual must be non-empty, got shape {_shape(is_visual)} (empty batch or zero-length sequence)")
+        raise ValueError(
+            f"is_visual must be non-empty, got shape {_shape(is_visual)} (empty batch or zero-length sequence)"
+        )
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a tensor [B, Nk] or None, got {type(attention_mask).__name__}")
@@ -44,9 +47,7 @@ def check_mask_inputs(is_visual, attention_mask, policy) -> None:
         if attention_mask.is_floating_point() or attention_mask.is_complex():
             raise TypeError(f"attention_mask must be a bool or integer tensor of 0/1, got {attention_mask.dtype}")
         if attention_mask.device != is_visual.device:
-            raise ValueError(
-                f"attention_mask is on {attention_mask.device} but is_visual is on {is_visual.device}"
-            )
+            raise ValueError(f"attention_mask is on {attention_mask.device} but is_visual is on {is_visual.device}")
 
 
 def check_qkv(q, k, v=None) -> None:

@@ -4,6 +4,7 @@ Expected failures (bad paths, unreadable images, malformed data, a plan for anot
 model) print one ``vskip: error: ...`` line on stderr and exit with status 2; ``--debug``
 shows the traceback instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,12 @@ def _parse_budgets(text: str) -> list[int]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (or hub name) for from_pretrained")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="score decoder layers on data and write a skip plan")
     _add_model_args(c)
-    c.add_argument("--data", help="JSON lines: {\"image\": path | \"images\": [paths], \"prompt\": text} per line "
-                                  "(not needed for depth/random)")
+    c.add_argument(
+        "--data",
+        help='JSON lines: {"image": path | "images": [paths], "prompt": text} per line (not needed for depth/random)',
+    )
     c.add_argument("--method", required=True, choices=METHODS)
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--budget", type=int, help="number of layers to choose")
@@ -67,8 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=1)
     c.add_argument("--max-samples", type=int, default=None, help="use at most this many data rows")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
-                   help="method option, e.g. num_samples=40, kl_direction=reverse, target=frozen, tokens=visual")
+    c.add_argument(
+        "--option",
+        action="append",
+        type=_parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, e.g. num_samples=40, kl_direction=reverse, target=frozen, tokens=visual",
+    )
     c.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("diagnostics", help="print Skip-It's per-layer redundancy measures")
@@ -87,29 +100,48 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
 
-    b = sub.add_parser("bench", help="run the benchmark suites (vskip_kernels.bench); arguments are passed on",
-                       add_help=False)
+    b = sub.add_parser(
+        "bench", help="run the benchmark suites (vskip_kernels.bench); arguments are passed on", add_help=False
+    )
     b.add_argument("args", nargs=argparse.REMAINDER)
 
     dm = sub.add_parser("demo", help="calibrate, apply and compare every method on the shipped tiny VLM")
-    dm.add_argument("--quick", action="store_true", help="fewer samples, one N, one timing run (a few minutes on a CPU)")
+    dm.add_argument(
+        "--quick", action="store_true", help="fewer samples, one N, one timing run (a few minutes on a CPU)"
+    )
     dm.add_argument("--calibration-samples", type=int, default=None, help="default 32 (16 with --quick)")
     dm.add_argument("--eval-samples", type=int, default=None, help="default 200 (48 with --quick)")
-    dm.add_argument("--budgets", type=_parse_budgets, default=None, metavar="N[,N...]",
-                    help="numbers of layers to skip (default every even N below the layer count: 2,4,6,8,10 "
-                         "for the shipped model; with --quick a third of the layers)")
-    dm.add_argument("--model", default=None, help="a tiny VLM folder written by `python -m vskip_kernels.tinyvlm.train` "
-                                                  "(default: the shipped one)")
-    dm.add_argument("--plot", default=None, metavar="OUT.png",
-                    help="draw accuracy vs layers skipped and the per-layer scores (needs matplotlib)")
+    dm.add_argument(
+        "--budgets",
+        type=_parse_budgets,
+        default=None,
+        metavar="N[,N...]",
+        help="numbers of layers to skip (default every even N below the layer count: 2,4,6,8,10 "
+        "for the shipped model; with --quick a third of the layers)",
+    )
+    dm.add_argument(
+        "--model",
+        default=None,
+        help="a tiny VLM folder written by `python -m vskip_kernels.tinyvlm.train` (default: the shipped one)",
+    )
+    dm.add_argument(
+        "--plot",
+        default=None,
+        metavar="OUT.png",
+        help="draw accuracy vs layers skipped and the per-layer scores (needs matplotlib)",
+    )
     dm.add_argument("--device", default=None)
     dm.add_argument("--seed", type=int, default=0)
-    dm.add_argument("--no-progress", action="store_true", help="no progress bars (they are off anyway when "
-                                                                  "stderr is not a terminal)")
+    dm.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (they are off anyway when stderr is not a terminal)",
+    )
     return parser
 
 
 # -- model loading -------------------------------------------------------------------------
+
 
 def _device_dtype(args):
     import torch
@@ -187,6 +219,7 @@ def _check_rows_fit(rows, model) -> None:
 
 # -- commands ------------------------------------------------------------------------------
 
+
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
     from .calibrate.data import batches
@@ -204,13 +237,29 @@ def cmd_calibrate(args) -> int:
     if rows is not None:
         _check_rows_fit(rows, model)
         data = batches(processor, rows, args.batch_size)
-    plan = calibrate(model, data, args.method, budget=args.budget, skip_ratio=args.skip_ratio, seed=args.seed,
-                     max_new_tokens=args.max_new_tokens, progress=not args.no_progress, **dict(args.option))
+    plan = calibrate(
+        model,
+        data,
+        args.method,
+        budget=args.budget,
+        skip_ratio=args.skip_ratio,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.no_progress,
+        **dict(args.option),
+    )
     if plan.model.get("name_or_path") in ("", None):
         plan.model["name_or_path"] = args.model
     plan.save(args.output)
-    chosen = {k: v for k, v in (("vskip", plan.vskip_layers), ("frozen", plan.frozen_layers),
-                                ("decode_bypass", plan.decode_bypass_layers)) if v}
+    chosen = {
+        k: v
+        for k, v in (
+            ("vskip", plan.vskip_layers),
+            ("frozen", plan.frozen_layers),
+            ("decode_bypass", plan.decode_bypass_layers),
+        )
+        if v
+    }
     print(f"{args.method}: {plan.budget} of {plan.num_layers} layers {chosen or '(none)'} -> {args.output}")
     return 0
 
@@ -229,8 +278,9 @@ def cmd_diagnostics(args) -> int:
         print(json.dumps(res, indent=2))
         return 0
     print(f"{'layer':>5}  {'visual attn ratio':>17}  {'visual cos dist':>15}  {'text cos dist':>13}")
-    for i, (a, v, t) in enumerate(zip(res["visual_attention_ratio"], res["visual_cosine_distance"],
-                                      res["text_cosine_distance"])):
+    for i, (a, v, t) in enumerate(
+        zip(res["visual_attention_ratio"], res["visual_cosine_distance"], res["text_cosine_distance"])
+    ):
         print(f"{i:>5}  {a:>17.4f}  {v:>15.4f}  {t:>13.4f}")
     return 0
 
@@ -259,7 +309,7 @@ def cmd_generate(args) -> int:
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     finally:
         handle.remove()
-    new = out[0, inputs["input_ids"].shape[1]:]
+    new = out[0, inputs["input_ids"].shape[1] :]
     tok = getattr(processor, "tokenizer", processor)
     print(tok.decode(new, skip_special_tokens=True))
     return 0
@@ -290,9 +340,16 @@ def cmd_demo(args) -> int:
         check_plotting(args.plot)  # before minutes of work, not after
     if args.model is not None and not os.path.isdir(args.model):
         raise CLIError(f"model folder not found: {args.model}")
-    result = run_demo(quick=args.quick, calibration_samples=args.calibration_samples, eval_samples=args.eval_samples,
-                      budgets=args.budgets, device=args.device, seed=args.seed,
-                      progress=False if args.no_progress else None, model_path=args.model)
+    result = run_demo(
+        quick=args.quick,
+        calibration_samples=args.calibration_samples,
+        eval_samples=args.eval_samples,
+        budgets=args.budgets,
+        device=args.device,
+        seed=args.seed,
+        progress=False if args.no_progress else None,
+        model_path=args.model,
+    )
     if args.plot is not None:
         from .demo_plot import plot
 
@@ -301,8 +358,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"calibrate": cmd_calibrate, "diagnostics": cmd_diagnostics, "generate": cmd_generate,
-            "bench": cmd_bench, "demo": cmd_demo}
+COMMANDS = {
+    "calibrate": cmd_calibrate,
+    "diagnostics": cmd_diagnostics,
+    "generate": cmd_generate,
+    "bench": cmd_bench,
+    "demo": cmd_demo,
+}
 
 
 def main(argv=None) -> int:
@@ -310,7 +372,7 @@ def main(argv=None) -> int:
     # `vskip bench --help` belongs to the bench runner, not to this parser.
     if "bench" in argv[:2] and argv.index("bench") == (1 if argv[:1] == ["--debug"] else 0):
         i = argv.index("bench")
-        args = argparse.Namespace(command="bench", args=argv[i + 1:], debug="--debug" in argv[:i])
+        args = argparse.Namespace(command="bench", args=argv[i + 1 :], debug="--debug" in argv[:i])
     else:
         args = build_parser().parse_args(argv)
     try:

@@ -8,6 +8,7 @@ depth, random) with the same target, on the calibration split; applies each plan
 for N layers, N swept; and reports, against the dense model on the evaluation split:
 accuracy, token agreement, prefill and decode time.
 """
+
 from __future__ import annotations
 
 import sys
@@ -55,7 +56,9 @@ def _check_budgets(budgets, num_layers: int) -> list[int]:
     for n in budgets:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < num_layers:
             # all layers bypassed on decode is rejected by the HF integration, and 0 is the dense row
-            raise ValueError(f"budgets must be ints in [1, {num_layers - 1}] for this {num_layers}-layer model, got {n!r}")
+            raise ValueError(
+                f"budgets must be ints in [1, {num_layers - 1}] for this {num_layers}-layer model, got {n!r}"
+            )
     return budgets
 
 
@@ -65,7 +68,7 @@ def _evaluate(model, processor, data, batch_size: int, tokens: int):
 
     right, gens = 0, []
     for i in range(0, len(data), batch_size):
-        chunk = data[i:i + batch_size]
+        chunk = data[i : i + batch_size]
         answers, gen = generate_answers(model, processor, chunk, max_new_tokens=tokens)
         right += sum(a == s.answer for a, s in zip(answers, chunk))
         gens.append(gen)
@@ -79,9 +82,18 @@ def _agreement(gen: torch.Tensor, dense: torch.Tensor, eos: int) -> float:
     return float(((gen == dense) & counted).sum() / counted.sum())
 
 
-def run_demo(*, quick: bool = False, calibration_samples: int | None = None, eval_samples: int | None = None,
-             budgets=None, device: str | None = None, seed: int = 0, progress: bool | None = None,
-             model_path: str | None = None, out=print) -> dict:
+def run_demo(
+    *,
+    quick: bool = False,
+    calibration_samples: int | None = None,
+    eval_samples: int | None = None,
+    budgets=None,
+    device: str | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+    model_path: str | None = None,
+    out=print,
+) -> dict:
     """Calibrate every method, apply each plan for every budget, evaluate; print and return the results."""
     from .calibrate import calibrate
     from .calibrate._common import TARGET_FIELDS, lowest
@@ -111,21 +123,24 @@ def run_demo(*, quick: bool = False, calibration_samples: int | None = None, eva
     repeats = 1 if quick else 2
 
     cal_samples = samples("calibration", 0, n_cal)
-    cal = [prepare_inputs(encode_prompts(processor, cal_samples[i:i + 16]), model) for i in range(0, n_cal, 16)]
+    cal = [prepare_inputs(encode_prompts(processor, cal_samples[i : i + 16]), model) for i in range(0, n_cal, 16)]
     ev = samples("eval", 0, n_eval)
     timing = prepare_inputs(encode_prompts(processor, ev[:8]), model)  # a fixed batch of 8 for the clock
     n_vis = int((timing["input_ids"][0] == model.config.image_token_id).sum())
-    out(f"model: tiny LLaVA trained on synthetic scenes, {num} decoder layers, {n_vis} visual tokens per image, "
+    out(
+        f"model: tiny LLaVA trained on synthetic scenes, {num} decoder layers, {n_vis} visual tokens per image, "
         f"{dtype} on {dev}; calibration on {n_cal} samples, evaluation on {n_eval} "
-        f"(chance {chance_accuracy(s.qtype for s in ev) * 100:.1f}%), N = {budgets}")
+        f"(chance {chance_accuracy(s.qtype for s in ev) * 100:.1f}%), N = {budgets}"
+    )
 
     # Scores do not depend on the budget for these methods (each plan takes the N lowest),
     # so one calibration per (mode, method) serves every N, exactly as calibrate(budget=N) would.
     scores: dict[tuple[str, str], list[float]] = {}
     for mode, metric in MODES.items():
         for method in (metric,) + BASELINES:
-            plan = calibrate(model, cal, method, budget=budgets[-1], seed=seed, max_new_tokens=tokens,
-                             progress=progress, target=mode)
+            plan = calibrate(
+                model, cal, method, budget=budgets[-1], seed=seed, max_new_tokens=tokens, progress=progress, target=mode
+            )
             assert plan.scores is not None  # calibrate always scores every layer
             scores[(mode, method)] = plan.scores
 
@@ -147,10 +162,18 @@ def run_demo(*, quick: bool = False, calibration_samples: int | None = None, eva
                     dense = gen
                 prefill = _timed_generate(model, timing, 1, repeats)
                 total = _timed_generate(model, timing, tokens, repeats)
-                rows.append({"mode": mode, "method": method, "n": n,
-                             "layers": getattr(plan, TARGET_FIELDS[mode]) if mode != "dense" else [],
-                             "accuracy": acc, "agreement": _agreement(gen, dense, EOS), "prefill_ms": prefill,
-                             "decode_ms_per_token": max(total - prefill, 0.0) / (tokens - 1)})
+                rows.append(
+                    {
+                        "mode": mode,
+                        "method": method,
+                        "n": n,
+                        "layers": getattr(plan, TARGET_FIELDS[mode]) if mode != "dense" else [],
+                        "accuracy": acc,
+                        "agreement": _agreement(gen, dense, EOS),
+                        "prefill_ms": prefill,
+                        "decode_ms_per_token": max(total - prefill, 0.0) / (tokens - 1),
+                    }
+                )
                 if bar is not None:
                     bar.update()
     finally:
@@ -159,18 +182,26 @@ def run_demo(*, quick: bool = False, calibration_samples: int | None = None, eva
             bar.close()
     print_table(rows, out)
     print_scores(scores, num, out)
-    return {"rows": rows, "scores": {f"{m}/{k}": v for (m, k), v in scores.items()}, "budgets": budgets,
-            "num_layers": num}
+    return {
+        "rows": rows,
+        "scores": {f"{m}/{k}": v for (m, k), v in scores.items()},
+        "budgets": budgets,
+        "num_layers": num,
+    }
 
 
 def print_table(rows: list[dict], out=print) -> None:
     dense = rows[0]["accuracy"]
-    out(f"{'mode':<14} {'method':<12} {'N':>2} {'layers':<34} {'accuracy':>8} {'vs dense':>8} {'agree':>6} "
-        f"{'prefill ms':>10} {'decode ms/tok':>13}")
+    out(
+        f"{'mode':<14} {'method':<12} {'N':>2} {'layers':<34} {'accuracy':>8} {'vs dense':>8} {'agree':>6} "
+        f"{'prefill ms':>10} {'decode ms/tok':>13}"
+    )
     for r in rows:
-        out(f"{r['mode']:<14} {r['method']:<12} {r['n']:>2} {str(r['layers']):<34} {r['accuracy'] * 100:>7.1f}% "
+        out(
+            f"{r['mode']:<14} {r['method']:<12} {r['n']:>2} {str(r['layers']):<34} {r['accuracy'] * 100:>7.1f}% "
             f"{(r['accuracy'] - dense) * 100:>+7.1f} {r['agreement'] * 100:>5.1f}% {r['prefill_ms']:>10.1f} "
-            f"{r['decode_ms_per_token']:>13.2f}")
+            f"{r['decode_ms_per_token']:>13.2f}"
+        )
 
 
 def print_scores(scores: dict, num: int, out=print) -> None:

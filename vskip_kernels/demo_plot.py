@@ -1,4 +1,5 @@
 """``vskip demo --plot``: accuracy vs layers skipped per mode, and the per-layer scores."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,9 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(MODES) + 1, figsize=(5 * (len(MODES) + 1), 4))
     for ax, (mode, metric) in zip(axes, MODES.items()):
         for method in (metric,) + BASELINES:
-            pts = [(0, dense)] + [(r["n"], r["accuracy"] * 100) for r in rows
-                                  if r["mode"] == mode and r["method"] == method]
+            pts = [(0, dense)] + [
+                (r["n"], r["accuracy"] * 100) for r in rows if r["mode"] == mode and r["method"] == method
+            ]
             ax.plot(*zip(*pts), marker="o", lw=2.5 if method == metric else 1.2, label=method)
         ax.axhline(dense, color="grey", ls=":", lw=1)
         ax.set(title=f"{mode} layers", xlabel="layers skipped (N)", ylabel="eval accuracy (%)", ylim=(0, 100))

@@ -6,6 +6,7 @@ DESIGN.md exactly (causal, padding, policy), with queries being the last ``nq`` 
 ``Nk`` key positions, as everywhere in this library. ``Schedule.to_block_mask()`` turns
 a planned tile schedule into the equivalent ``BlockMask`` without evaluating the mask.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,7 @@ import torch
 from .kinds import KIND_PAD, KIND_VISUAL, POLICIES, token_kind
 
 
-def mask_mod_from_kind(kind: torch.Tensor, policy: str = "vskip", *, nq: int | None = None,
-                       visual_self: bool = True):
+def mask_mod_from_kind(kind: torch.Tensor, policy: str = "vskip", *, nq: int | None = None, visual_self: bool = True):
     """mask_mod over a token-kind tensor ``kind [B, Nk]`` (0 padding, 1 text, 2 visual)."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -43,8 +43,14 @@ def mask_mod_from_kind(kind: torch.Tensor, policy: str = "vskip", *, nq: int | N
     return vskip_policy
 
 
-def mask_mod(is_visual: torch.Tensor, policy: str = "vskip", attention_mask: torch.Tensor | None = None, *,
-             nq: int | None = None, visual_self: bool = True):
+def mask_mod(
+    is_visual: torch.Tensor,
+    policy: str = "vskip",
+    attention_mask: torch.Tensor | None = None,
+    *,
+    nq: int | None = None,
+    visual_self: bool = True,
+):
     """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for ``policy``.
 
     is_visual bool [B, Nk]; attention_mask [B, Nk] (1 token, 0 padding) or None; nq: the

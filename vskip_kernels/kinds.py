@@ -4,6 +4,7 @@ The executable spec (``reference.py``), the planners, both backends and the Trit
 kernels all read these; the kernels through the ``tl.constexpr`` copies in
 ``ops/triton/masks.py``. Nothing here imports the rest of the package.
 """
+
 from __future__ import annotations
 
 import math

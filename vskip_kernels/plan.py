@@ -1,4 +1,5 @@
 """SkipPlan: which decoder layers run under which policy (DESIGN.md, format "vskip-plan/1")."""
+
 from __future__ import annotations
 
 import json
@@ -61,12 +62,16 @@ class SkipPlan:
         self.decode_bypass_layers = _layer_list("decode_bypass_layers", self.decode_bypass_layers, n)
         both = sorted(set(self.vskip_layers) & set(self.frozen_layers))
         if both:
-            raise PlanError(f"layers {both} are in both vskip_layers and frozen_layers; a layer runs one prefill policy")
+            raise PlanError(
+                f"layers {both} are in both vskip_layers and frozen_layers; a layer runs one prefill policy"
+            )
         if self.scores is not None:
             if len(self.scores) != n:
                 raise PlanError(f"scores must hold one value per layer ({n}), got {len(self.scores)}")
             self.scores = [float(s) for s in self.scores]
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 0):
+        if self.budget is not None and (
+            isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 0
+        ):
             raise PlanError(f"budget must be a non-negative integer or None, got {self.budget!r}")
         return self
 

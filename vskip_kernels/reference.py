@@ -4,6 +4,7 @@ Naive and dense on purpose: every backend and kernel is tested against these
 functions. They build the full [B, Nq, Nk] mask and the full score matrix, so
 they are only for small test shapes.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,7 +78,9 @@ def attention_ref(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     k, v = _expand_kv(k, hq), _expand_kv(v, hq)
     allowed = allowed_mask(is_visual, attention_mask, nq, policy, visual_self)[:, None]  # [B,1,Nq,Nk]
-    scores = torch.matmul(q * scale, k.transpose(-1, -2)) if not upcast else torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = (
+        torch.matmul(q * scale, k.transpose(-1, -2)) if not upcast else torch.matmul(q, k.transpose(-1, -2)) * scale
+    )
     scores = scores.masked_fill(~allowed, float("-inf"))
     row_any = allowed.any(-1)  # [B,1,Nq]
     s32 = scores if scores.dtype == torch.float64 else scores.float()  # statistics in >= fp32
@@ -92,12 +95,21 @@ def attention_ref(
     return out.to(dtype), mass.float(), lse.float()
 
 
-def visual_mass_ref(q, k, is_visual, *, policy="dense", attention_mask=None, visual_self=True,
-                    softmax_scale=None, query_positions=None):
+def visual_mass_ref(
+    q, k, is_visual, *, policy="dense", attention_mask=None, visual_self=True, softmax_scale=None, query_positions=None
+):
     """fp32 [B, Hq, Nq] (or [B, Hq, len(query_positions)]) visual share of each query's softmax."""
     v = torch.zeros_like(k[..., :1]).expand(*k.shape[:-1], 1)
-    _, mass, _ = attention_ref(q, k, v.contiguous(), is_visual, policy=policy, attention_mask=attention_mask,
-                               visual_self=visual_self, softmax_scale=softmax_scale)
+    _, mass, _ = attention_ref(
+        q,
+        k,
+        v.contiguous(),
+        is_visual,
+        policy=policy,
+        attention_mask=attention_mask,
+        visual_self=visual_self,
+        softmax_scale=softmax_scale,
+    )
     if query_positions is not None:
         mass = mass[:, :, torch.as_tensor(query_positions, device=mass.device, dtype=torch.long)]
     return mass

@@ -11,6 +11,7 @@ Everything is computed from per-tile aggregates with prefix sums, so planning
 costs O(B * (N + tiles_m * tiles_n)) and never builds an N x N mask. It uses no
 host synchronisation, so it can be captured in a CUDA graph.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -103,9 +104,14 @@ class Schedule:
         if device == self.device:
             return self
         move = lambda t: t.to(device, non_blocking=True)
-        return dataclasses.replace(self, kind=move(self.kind), full_cnt=move(self.full_cnt),
-                                   full_idx=move(self.full_idx), part_cnt=move(self.part_cnt),
-                                   part_idx=move(self.part_idx))
+        return dataclasses.replace(
+            self,
+            kind=move(self.kind),
+            full_cnt=move(self.full_cnt),
+            full_idx=move(self.full_idx),
+            part_cnt=move(self.part_cnt),
+            part_idx=move(self.part_idx),
+        )
 
     def live_tile_fraction(self) -> float:
         """Share of all (sequence, query tile, key tile) pairs the kernels visit (reads the device)."""
@@ -117,10 +123,12 @@ class Schedule:
         full, part = int(self.full_cnt.sum()), int(self.part_cnt.sum())
         pct = lambda x: 100.0 * x / total if total else 0.0
         vs = f", visual_self={self.visual_self}" if self.policy == "vskip" else ""
-        return (f"Schedule(policy={self.policy!r}{vs}, B={self.batch_size}, nq={self.nq}, nk={self.nk}, "
-                f"block=({self.block_m}, {self.block_n}), tiles={self.num_m_tiles}x{self.num_n_tiles}, "
-                f"live={pct(full + part):.2f}% (full {pct(full):.2f}%, partial {pct(part):.2f}%), "
-                f"device={self.device})")
+        return (
+            f"Schedule(policy={self.policy!r}{vs}, B={self.batch_size}, nq={self.nq}, nk={self.nk}, "
+            f"block=({self.block_m}, {self.block_n}), tiles={self.num_m_tiles}x{self.num_n_tiles}, "
+            f"live={pct(full + part):.2f}% (full {pct(full):.2f}%, partial {pct(part):.2f}%), "
+            f"device={self.device})"
+        )
 
     def to_block_mask(self):
         """The equivalent FlexAttention ``BlockMask``: our full tiles are its full blocks, our
@@ -132,11 +140,14 @@ class Schedule:
 
         mod = mask_mod_from_kind(self.kind, self.policy, nq=self.nq, visual_self=self.visual_self)
         return BlockMask.from_kv_blocks(
-            self.part_cnt[:, None].contiguous(), self.part_idx[:, None].contiguous(),
-            self.full_cnt[:, None].contiguous(), self.full_idx[:, None].contiguous(),
-            BLOCK_SIZE=(self.block_m, self.block_n), mask_mod=mod, seq_lengths=(self.nq, self.nk),
+            self.part_cnt[:, None].contiguous(),
+            self.part_idx[:, None].contiguous(),
+            self.full_cnt[:, None].contiguous(),
+            self.full_idx[:, None].contiguous(),
+            BLOCK_SIZE=(self.block_m, self.block_n),
+            mask_mod=mod,
+            seq_lengths=(self.nq, self.nk),
         )
-
 
 
 def classify_tiles(kind: torch.Tensor, nq: int, policy: str, visual_self: bool, block_m: int, block_n: int):

@@ -4,6 +4,7 @@ A position is visual when its input id is one of the model's image/video placeho
 and it is a prompt position. A generated token fed back is text even when the model
 emitted a placeholder id: frameworks give it the id's text embedding, not visual features.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Fixtures of the benchmark tests. The suites are the package's (``vskip_kernels.bench``);
 only the device-run script bench/gpu_check.py is a repository file, loaded here by path."""
+
 import importlib.util
 import sys
 from pathlib import Path

@@ -2,6 +2,7 @@
 bench` finds its runner inside the package, results land in ./vskip_bench_results (or
 --out), the git commit is recorded when known and null otherwise, and importing the suites
 needs neither matplotlib nor pytest-benchmark."""
+
 import json
 import os
 import re
@@ -27,8 +28,7 @@ def _installed_copy(tmp_path) -> Path:
     """The package alone in a site-packages-like folder, as `pip install .` leaves it: no
     bench/ folder next to it, no git work tree around it."""
     site = tmp_path / "site"
-    shutil.copytree(PKG, site / "vskip_kernels",
-                    ignore=shutil.ignore_patterns("__pycache__", "weights", "*.egg-info"))
+    shutil.copytree(PKG, site / "vskip_kernels", ignore=shutil.ignore_patterns("__pycache__", "weights", "*.egg-info"))
     return site
 
 
@@ -55,12 +55,20 @@ def test_vskip_bench_runs_from_an_installed_copy_outside_the_checkout(tmp_path):
     site = _installed_copy(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
-    code = ("import sys, vskip_kernels\n"
-            f"assert vskip_kernels.__file__.startswith({str(site)!r}), vskip_kernels.__file__\n"
-            "from vskip_kernels.cli import main\n"
-            "sys.exit(main(['bench', *sys.argv[1:]]))\n")
-    res = subprocess.run([sys.executable, "-c", code, *SMOKE_ATTENTION], cwd=work, env=_child_env(site),
-                         capture_output=True, text=True, timeout=600)
+    code = (
+        "import sys, vskip_kernels\n"
+        f"assert vskip_kernels.__file__.startswith({str(site)!r}), vskip_kernels.__file__\n"
+        "from vskip_kernels.cli import main\n"
+        "sys.exit(main(['bench', *sys.argv[1:]]))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, *SMOKE_ATTENTION],
+        cwd=work,
+        env=_child_env(site),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(os.listdir(work)) == ["vskip_bench_results"]
     doc = _one_result(work / "vskip_bench_results" / "smoke", "attention")
@@ -76,9 +84,26 @@ def test_python_m_runner_and_explicit_out(tmp_path):
     work.mkdir()
     env = _child_env(site)
     env["VSKIP_GIT_COMMIT"] = "f" * 40
-    res = subprocess.run([sys.executable, "-m", "vskip_kernels.bench", "decode", "--smoke", "--repeats", "1",
-                          "--warmup", "0", "--out", str(out)], cwd=work, env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vskip_kernels.bench",
+            "decode",
+            "--smoke",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert os.listdir(work) == []
     doc = _one_result(out / "smoke", "decode")
@@ -114,11 +139,13 @@ def test_git_commit_is_recorded_when_known_and_null_otherwise(tmp_path, monkeypa
 
 
 def test_importing_the_suites_needs_no_plotting_or_pytest_benchmark():
-    code = ("import sys\n"
-            "import vskip_kernels.bench, vskip_kernels.bench.run, vskip_kernels.bench.table\n"
-            "from vskip_kernels.bench import attention, visual_mass, decode, model, baselines, cases, common\n"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'pytest_benchmark', 'pytest'))\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys\n"
+        "import vskip_kernels.bench, vskip_kernels.bench.run, vskip_kernels.bench.table\n"
+        "from vskip_kernels.bench import attention, visual_mass, decode, model, baselines, cases, common\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'pytest_benchmark', 'pytest'))\n"
+        "assert not bad, bad\n"
+    )
     env = dict(os.environ)
     env["PYTHONPATH"] = str(CHECKOUT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

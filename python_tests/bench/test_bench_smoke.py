@@ -2,6 +2,7 @@
 
 No timing is asserted; ratios are checked against the measured times they come from.
 """
+
 import json
 import os
 
@@ -174,29 +175,62 @@ def test_make_table_without_gpu_results(tmp_path, smoke_run):
 
 def _synthetic_gpu_env():
     # SYNTHETIC TEST DATA: exists only inside this test, never written to bench/results
-    return {"device": "cuda", "gpu": "Synthetic Test GPU", "gpu_capability": "sm90", "driver_version": "0",
-            "cuda": "0", "torch": "test", "triton": "test", "transformers": "test", "git_commit": "0" * 40,
-            "git_dirty": False}
+    return {
+        "device": "cuda",
+        "gpu": "Synthetic Test GPU",
+        "gpu_capability": "sm90",
+        "driver_version": "0",
+        "cuda": "0",
+        "torch": "test",
+        "triton": "test",
+        "transformers": "test",
+        "git_commit": "0" * 40,
+        "git_dirty": False,
+    }
 
 
 def test_make_table_renders_synthetic_gpu_results(tmp_path):
     results = tmp_path / "results"
     env = _synthetic_gpu_env()
-    r_ours = {"backend": "ours-triton", "ms_median": 2.0, "ms_p20": 1.9, "ms_p80": 2.1, "tflops": 111.0,
-              "peak_mem_bytes": 1 << 20, "speedup_vs": {}}
-    r_fa = {"backend": "flash-attn-2", "ms_median": 5.0, "ms_p20": 4.9, "ms_p80": 5.1, "tflops": 44.0,
-            "peak_mem_bytes": 1 << 20, "speedup_vs": {}}
-    case = {"case": "synthetic-shape/dense", "shape": "synthetic-shape", "policy": "dense",
-            "live_tile_fraction": 1.0, "results": fill_speedups([r_ours, r_fa]),
-            "skipped": [{"backend": "eager", "reason": "out of memory: synthetic"}]}
+    r_ours = {
+        "backend": "ours-triton",
+        "ms_median": 2.0,
+        "ms_p20": 1.9,
+        "ms_p80": 2.1,
+        "tflops": 111.0,
+        "peak_mem_bytes": 1 << 20,
+        "speedup_vs": {},
+    }
+    r_fa = {
+        "backend": "flash-attn-2",
+        "ms_median": 5.0,
+        "ms_p20": 4.9,
+        "ms_p80": 5.1,
+        "tflops": 44.0,
+        "peak_mem_bytes": 1 << 20,
+        "speedup_vs": {},
+    }
+    case = {
+        "case": "synthetic-shape/dense",
+        "shape": "synthetic-shape",
+        "policy": "dense",
+        "live_tile_fraction": 1.0,
+        "results": fill_speedups([r_ours, r_fa]),
+        "skipped": [{"backend": "eager", "reason": "out of memory: synthetic"}],
+    }
     shape = {"name": "synthetic-shape", "seq_len": 1000}
-    chk = {"name": "dense vs flash-attn-2 (speed ratio)", "value": 2.5, "target": ">= 0.9", "passed": True,
-           "shape": "synthetic-shape"}
+    chk = {
+        "name": "dense vs flash-attn-2 (speed ratio)",
+        "value": 2.5,
+        "target": ">= 0.9",
+        "passed": True,
+        "shape": "synthetic-shape",
+    }
     write_results(str(results), "attention", env, [shape], [case], smoke=False, checks=[chk])
     readme = _readme(tmp_path)
     make_table.main(["--results", str(results), "--readme", str(readme), "--no-plots"])
     text = readme.read_text()
-    section = text[text.index(make_table.START):text.index(make_table.END)]
+    section = text[text.index(make_table.START) : text.index(make_table.END)]
     assert make_table.NO_RESULTS not in section and "old text" not in section
     assert "Synthetic Test GPU" in section
     row = next(line for line in section.splitlines() if line.startswith("| synthetic-shape"))
@@ -231,15 +265,38 @@ def test_partial_results_are_saved_and_shown_as_partial(tmp_path):
     results = tmp_path / "results"
     env = _synthetic_gpu_env()
     path = str(results / "attention-x.json")
-    r = {"backend": "ours-triton", "ms_median": 2.0, "ms_p20": 1.9, "ms_p80": 2.1, "tflops": 1.0,
-         "peak_mem_bytes": 1, "speedup_vs": {}}
-    case = {"case": "s/dense", "shape": "s", "policy": "dense", "live_tile_fraction": 1.0, "results": [r],
-            "skipped": []}
-    write_results(str(results), "attention", env, [], [], smoke=False, path=path, created_utc="20260101T000000Z",
-                  complete=False)
+    r = {
+        "backend": "ours-triton",
+        "ms_median": 2.0,
+        "ms_p20": 1.9,
+        "ms_p80": 2.1,
+        "tflops": 1.0,
+        "peak_mem_bytes": 1,
+        "speedup_vs": {},
+    }
+    case = {
+        "case": "s/dense",
+        "shape": "s",
+        "policy": "dense",
+        "live_tile_fraction": 1.0,
+        "results": [r],
+        "skipped": [],
+    }
+    write_results(
+        str(results), "attention", env, [], [], smoke=False, path=path, created_utc="20260101T000000Z", complete=False
+    )
     assert make_table.load_results(str(results)) == []
-    write_results(str(results), "attention", env, [{"name": "s", "seq_len": 10}], [case], smoke=False, path=path,
-                  created_utc="20260101T000000Z", complete=False)
+    write_results(
+        str(results),
+        "attention",
+        env,
+        [{"name": "s", "seq_len": 10}],
+        [case],
+        smoke=False,
+        path=path,
+        created_utc="20260101T000000Z",
+        complete=False,
+    )
     assert os.listdir(results) == ["attention-x.json"]  # rewritten in place, no temporary left
     (doc,) = make_table.load_results(str(results))
     assert doc["complete"] is False
@@ -259,7 +316,9 @@ def test_runner_checkpoints_every_shape(tmp_path, monkeypatch):
         return real(shape, args, device, dtype)
 
     monkeypatch.setattr(bench_attention, "run_shape", spy)
-    monkeypatch.setattr(bench_attention.cases, "SMOKE_ATTENTION_SHAPES", bench_attention.cases.SMOKE_ATTENTION_SHAPES * 2)
+    monkeypatch.setattr(
+        bench_attention.cases, "SMOKE_ATTENTION_SHAPES", bench_attention.cases.SMOKE_ATTENTION_SHAPES * 2
+    )
     (path,) = run.main(["attention", "--smoke", "--out", str(tmp_path), "--repeats", "1", "--warmup", "0"])
     assert seen == [[], [False]]  # before the second shape, the first one is on disk, marked partial
     doc = json.load(open(path))
@@ -298,8 +357,9 @@ def test_static_cache_decode_path_gives_eager_tokens():
             cache = StaticCache(config=model.config, max_cache_len=int(ids.shape[1]) + 5)
             assert torch.equal(bm._generate(model, ids, 5, cache), eager), name
             assert torch.equal(bm._generate(model, ids, 5, cache), eager), name  # the cache is reset and reused
-            fields, mode, fallback = bm.time_method(model, ids, argparse.Namespace(max_new_tokens=5, model_repeats=1),
-                                                    dev, graphs=True)
+            fields, mode, fallback = bm.time_method(
+                model, ids, argparse.Namespace(max_new_tokens=5, model_repeats=1), dev, graphs=True
+            )
             assert fallback is None and mode.startswith("static cache") and fields["avg_output_len"] == 5
         finally:
             handle.remove()
@@ -312,15 +372,39 @@ def test_make_table_combines_the_parts_of_a_split_run(tmp_path):
     env = _synthetic_gpu_env()
 
     def res(ms):
-        return {"backend": "ours-triton", "ms_median": ms, "ms_p20": ms, "ms_p80": ms, "tflops": 1.0,
-                "peak_mem_bytes": 1, "speedup_vs": {}}
+        return {
+            "backend": "ours-triton",
+            "ms_median": ms,
+            "ms_p20": ms,
+            "ms_p80": ms,
+            "tflops": 1.0,
+            "peak_mem_bytes": 1,
+            "speedup_vs": {},
+        }
 
     def doc(created, shape_ms, env=env):
-        cases = [{"case": f"{s}/dense", "shape": s, "policy": "dense", "live_tile_fraction": 1.0,
-                  "results": [res(ms)], "skipped": []} for s, ms in shape_ms]
+        cases = [
+            {
+                "case": f"{s}/dense",
+                "shape": s,
+                "policy": "dense",
+                "live_tile_fraction": 1.0,
+                "results": [res(ms)],
+                "skipped": [],
+            }
+            for s, ms in shape_ms
+        ]
         checks = [{"name": "t", "value": ms, "target": ">= 0", "passed": True, "shape": s} for s, ms in shape_ms]
-        write_results(str(results), "attention", env, [{"name": s, "seq_len": 100} for s, _ in shape_ms], cases,
-                      smoke=False, checks=checks, created_utc=created)
+        write_results(
+            str(results),
+            "attention",
+            env,
+            [{"name": s, "seq_len": 100} for s, _ in shape_ms],
+            cases,
+            smoke=False,
+            checks=checks,
+            created_utc=created,
+        )
 
     doc("20260101T000000Z", [("a", 1.0), ("b", 2.0)])
     doc("20260101T000100Z", [("b", 3.0), ("c", 4.0)])

@@ -5,6 +5,7 @@ suite) runs end to end and writes what a GPU session brings back.
 
 gpu_check.py is a repository script (the ``gpu_check`` fixture of conftest.py loads it);
 the suites it runs are the package's."""
+
 import json
 import os
 import sys
@@ -28,8 +29,16 @@ def _args(gpu_check, tmp_path, *extra):
 @pytest.mark.parametrize("smoke", [False, True])
 def test_plan_is_in_priority_order_and_parses(tmp_path, smoke, gpu_check):
     steps = gpu_check.plan_steps(_args(gpu_check, tmp_path, *(["--smoke"] if smoke else [])))
-    assert [s.name for s in steps] == ["install", "env", "pytest-cuda", "attention", "visual_mass", "decode", "model",
-                                       "model-graphs"]
+    assert [s.name for s in steps] == [
+        "install",
+        "env",
+        "pytest-cuda",
+        "attention",
+        "visual_mass",
+        "decode",
+        "model",
+        "model-graphs",
+    ]
     # what comes back from a device run: at most 8 files (summary, log, junit, one JSON per benchmark step)
     assert 3 + sum(gpu_check.is_benchmark(s) for s in steps) <= 8
     assert [s.group for s in steps] == sorted(s.group for s in steps)
@@ -55,7 +64,9 @@ def test_benchmark_names_exist(gpu_check):
     from vskip_kernels.bench.model import FLASHVLM_TARGET_MODEL, METHOD_KEYS
 
     assert gpu_check.DECODE_MODELS == (FLASHVLM_TARGET_MODEL,)
-    assert gpu_check.DECODE_METHODS[:2] == ("dense-sdpa", "flashvlm") and set(gpu_check.DECODE_METHODS) <= set(METHOD_KEYS)
+    assert gpu_check.DECODE_METHODS[:2] == ("dense-sdpa", "flashvlm") and set(gpu_check.DECODE_METHODS) <= set(
+        METHOD_KEYS
+    )
     # the shapes the kernel targets are stated for (N >= 3k, d128) come first: a stopped suite has them
     first = {s.name: s for s in cases.ATTENTION_SHAPES}[gpu_check.ATTENTION_SHAPES[0]]
     assert first.seq_len >= bench_attention.TARGET_MIN_SEQ and first.head_dim == bench_attention.TARGET_HEAD_DIM
@@ -75,8 +86,14 @@ def test_steps_fail_soft_stop_at_their_cap_and_keep_the_budget(tmp_path, monkeyp
     fake = [
         gpu_check.Step("ok", "a", 30, [py, "-c", "print('fine')"], "succeeds", min_s=1),
         gpu_check.Step("fails", "a", 30, [py, "-c", "import sys; print('boom'); sys.exit(3)"], "fails", min_s=1),
-        gpu_check.Step("hangs", "b", 2, [py, "-c", "import time; print('waiting', flush=True); time.sleep(60)"],
-                       "outlives its cap", min_s=1),
+        gpu_check.Step(
+            "hangs",
+            "b",
+            2,
+            [py, "-c", "import time; print('waiting', flush=True); time.sleep(60)"],
+            "outlives its cap",
+            min_s=1,
+        ),
         gpu_check.Step("after", "b", 30, [py, "-c", "print('still runs')"], "runs after a failure", min_s=1),
         gpu_check.Step("late", "c", 30, [py, "-c", "print('never')"], "needs more than is left", min_s=10_000),
     ]
@@ -102,17 +119,28 @@ def test_junit_and_result_readers(tmp_path, gpu_check):
         '<testsuites><testsuite><testcase classname="m" name="a"/>'
         '<testcase classname="m" name="b"><failure message="x"/></testcase>'
         '<testcase classname="m" name="c"><skipped/></testcase>'
-        '<testcase classname="m" name="d"><error message="y"/></testcase></testsuite></testsuites>')
+        '<testcase classname="m" name="d"><error message="y"/></testcase></testsuite></testsuites>'
+    )
     counts = gpu_check.junit_counts(str(junit))
     assert (counts["passed"], counts["failures"], counts["errors"], counts["skipped"]) == (1, 1, 1, 1)
     assert counts["failing"] == ["m::b", "m::d"]
     assert gpu_check.junit_counts(str(tmp_path / "missing.xml")) is None
     res = tmp_path / "r.json"
-    res.write_text(json.dumps({"suite": "attention", "complete": False, "shapes": [{}], "cases": [
-        {"results": [{}], "skipped": [{"backend": "eager", "reason": "out of memory: x"}]}],
-        "checks": [{"name": "t", "value": 0.5, "target": ">= 1", "passed": False, "shape": "s"},
-                   {"name": "u", "value": 2.0, "target": ">= 1", "passed": True},
-                   {"name": "v", "value": 0.1, "target": ">= 1", "passed": False, "target_applies": False}]}))
+    res.write_text(
+        json.dumps(
+            {
+                "suite": "attention",
+                "complete": False,
+                "shapes": [{}],
+                "cases": [{"results": [{}], "skipped": [{"backend": "eager", "reason": "out of memory: x"}]}],
+                "checks": [
+                    {"name": "t", "value": 0.5, "target": ">= 1", "passed": False, "shape": "s"},
+                    {"name": "u", "value": 2.0, "target": ">= 1", "passed": True},
+                    {"name": "v", "value": 0.1, "target": ">= 1", "passed": False, "target_applies": False},
+                ],
+            }
+        )
+    )
     d = gpu_check.describe_result(str(res))
     assert d["complete"] is False and d["cases"] == 1 and d["checks_pass"] == 1
     assert d["checks_fail"] == ["t [s] = 0.5 (target >= 1)"]  # reference-only checks are not misses
@@ -123,8 +151,7 @@ def test_smoke_rehearsal_core(tmp_path, gpu_check):
     """The rehearsal's core end to end: install resolved without an index (dry run),
     versions, and one benchmark suite in its own capped process; at most eight files come
     back, none deeper than two folders."""
-    rc = gpu_check.main(["--smoke", "--out", str(tmp_path), "--only", "install", "env", "decode",
-                         "--budget", "300"])
+    rc = gpu_check.main(["--smoke", "--out", str(tmp_path), "--only", "install", "env", "decode", "--budget", "300"])
     doc = json.load(open(tmp_path / "summary.json"))
     status = {s["name"]: (s["status"], s["detail"]) for s in doc["steps"]}
     assert rc == 0, status
@@ -143,12 +170,28 @@ def test_stopped_pytest_step_still_reports_its_tests(tmp_path, monkeypatch, gpu_
     junit report of what ran: a timeout on the GPU does not lose the test results."""
     tests = tmp_path / "t"
     tests.mkdir()
-    (tests / "test_x.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
-                                     "def test_slow():\n    time.sleep(120)\n")
+    (tests / "test_x.py").write_text(
+        "import time\n\ndef test_quick():\n    pass\n\ndef test_slow():\n    time.sleep(120)\n"
+    )
     out = tmp_path / "out"
     junit = out / "junit-cuda.xml"
-    step = gpu_check.Step("pytest-cuda", "a", 15, [sys.executable, "-m", "pytest", str(tests / "test_x.py"), "-q",
-                                                  "-p", "no:cacheprovider", f"--junitxml={junit}"], "tests", min_s=1)
+    step = gpu_check.Step(
+        "pytest-cuda",
+        "a",
+        15,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(tests / "test_x.py"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={junit}",
+        ],
+        "tests",
+        min_s=1,
+    )
     monkeypatch.setattr(gpu_check, "plan_steps", lambda args: [step])
     assert gpu_check.main(["--out", str(out), "--budget", "60"]) == 1
     (s,) = json.load(open(out / "summary.json"))["steps"]

@@ -1,4 +1,5 @@
 """Calibration metrics against independent computations on tiny random models."""
+
 import math
 
 import pytest
@@ -49,6 +50,7 @@ def _is_visual(batch):
 
 
 # -- budgets and plans -------------------------------------------------------------------------
+
 
 def test_budget_rules():
     assert resolve_budget(32, 19, None) == 19
@@ -112,6 +114,7 @@ def test_depth_random_and_targets(llava):
 
 # -- hidden-state baselines --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tokens", ["all", "visual", "last"])
 def test_cosine_l2_match_hidden_states(llava, batch, tokens):
     xs = _hidden_states(llava, batch)
@@ -148,6 +151,7 @@ def test_angular_block_matches_hidden_states(llava, batch):
 
 # -- FlashVLM visual mass ------------------------------------------------------------------------
 
+
 def test_visual_mass_matches_eager_attention(batch):
     model = H.tiny_llava(seed=1, layers=LAYERS)
     steps = 4
@@ -167,8 +171,13 @@ def test_visual_mass_matches_eager_attention(batch):
     am = torch.cat([batch["attention_mask"], torch.ones_like(fed[:, n:])], 1)
     model.set_attn_implementation("eager")
     with torch.no_grad():
-        out = model(input_ids=fed, attention_mask=am, pixel_values=batch["pixel_values"], output_attentions=True,
-                    use_cache=False)
+        out = model(
+            input_ids=fed,
+            attention_mask=am,
+            pixel_values=batch["pixel_values"],
+            output_attentions=True,
+            use_cache=False,
+        )
     vis = torch.cat([_is_visual(batch), torch.zeros_like(fed[:, n:], dtype=torch.bool)], 1)
     sums, count = [0.0] * LAYERS, 0
     for b in range(fed.shape[0]):
@@ -186,12 +195,14 @@ def test_visual_mass_matches_eager_attention(batch):
 
 # -- VIG / LC: the replay equals full perturbed forwards ---------------------------------------------
 
+
 def _kl(p_log, q_log):
     return (p_log.exp() * (p_log - q_log)).sum(-1)
 
 
-@pytest.mark.parametrize("method,policy,direction", [("vig", "vskip", "forward"), ("lc", "frozen", "forward"),
-                                                     ("lc", "frozen", "reverse")])
+@pytest.mark.parametrize(
+    "method,policy,direction", [("vig", "vskip", "forward"), ("lc", "frozen", "forward"), ("lc", "frozen", "reverse")]
+)
 def test_kl_scores_match_full_perturbed_runs(llava, batch, method, policy, direction):
     plan = calibrate(llava, [batch], method, budget=2, kl_direction=direction, progress=False)
     handle = apply_skip_plan(llava, SkipPlan(num_layers=LAYERS))
@@ -223,6 +234,7 @@ def test_vig_num_samples_caps_the_set(llava, batch):
 
 # -- Skip-It diagnostics -----------------------------------------------------------------------------
 
+
 def test_diagnostics_match_eager_and_hidden_states(batch):
     model = H.tiny_llava(seed=1, layers=LAYERS)
     res = diagnostics(model, [batch], progress_bar=False)
@@ -230,15 +242,19 @@ def test_diagnostics_match_eager_and_hidden_states(batch):
     real = batch["attention_mask"].bool()
     vis = _is_visual(batch) & real
     for name, sel in (("visual_cosine_distance", vis), ("text_cosine_distance", real & ~vis)):
-        want = [float((1 - torch.nn.functional.cosine_similarity(xs[l][sel], xs[l + 1][sel], dim=-1)).mean())
-                for l in range(LAYERS)]
+        want = [
+            float((1 - torch.nn.functional.cosine_similarity(xs[l][sel], xs[l + 1][sel], dim=-1)).mean())
+            for l in range(LAYERS)
+        ]
         assert res[name] == pytest.approx(want, abs=ATOL)
     model.set_attn_implementation("eager")
     with torch.no_grad():
         att = model(**batch, output_attentions=True, use_cache=False).attentions
     queries = real & ~vis & (vis.long().cumsum(1) > 0)
-    want = [float(torch.stack([att[l][b].double()[:, :, vis[b]].sum(-1).mean(0) for b in range(2)])[queries].mean())
-            for l in range(LAYERS)]
+    want = [
+        float(torch.stack([att[l][b].double()[:, :, vis[b]].sum(-1).mean(0) for b in range(2)])[queries].mean())
+        for l in range(LAYERS)
+    ]
     assert res["visual_attention_ratio"] == pytest.approx(want, abs=ATOL)
     assert res["num_samples"] == 2
 

@@ -1,4 +1,5 @@
 """SkipPlan: JSON round trip, validation, atomic save, model mismatch."""
+
 import json
 import os
 
@@ -9,10 +10,17 @@ from vskip_kernels.plan import PLAN_FORMAT, PlanError
 
 
 def _plan(**kw):
-    base = dict(num_layers=8, vskip_layers=[5, 3], frozen_layers=[6], decode_bypass_layers=[7, 6],
-                method="vig", budget=2, scores=[0.1 * i for i in range(8)],
-                model={"name_or_path": "tiny", "architecture": "LlavaForConditionalGeneration", "num_layers": 8},
-                calibration={"seed": 0, "num_samples": 4})
+    base = dict(
+        num_layers=8,
+        vskip_layers=[5, 3],
+        frozen_layers=[6],
+        decode_bypass_layers=[7, 6],
+        method="vig",
+        budget=2,
+        scores=[0.1 * i for i in range(8)],
+        model={"name_or_path": "tiny", "architecture": "LlavaForConditionalGeneration", "num_layers": 8},
+        calibration={"seed": 0, "num_samples": 4},
+    )
     base.update(kw)
     return SkipPlan(**base)
 

@@ -1,4 +1,5 @@
 """The ``vskip`` command line end to end on a tiny local model, and its error exits."""
+
 import json
 import os
 import subprocess
@@ -25,9 +26,11 @@ def workdir(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (30 + 10 * i, 40, 3), dtype=np.uint8)).save(d / f"img{i}.png")
-    rows = [{"image": "img0.png", "prompt": "what is this?"},
-            {"images": ["img1.png", str(d / "img2.png")], "prompt": "compare the two"},
-            {"image": "img2.png", "prompt": "describe"}]
+    rows = [
+        {"image": "img0.png", "prompt": "what is this?"},
+        {"images": ["img1.png", str(d / "img2.png")], "prompt": "compare the two"},
+        {"image": "img2.png", "prompt": "describe"},
+    ]
     (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "not_an_image.png").write_text("hello")
     return d
@@ -47,16 +50,31 @@ def _one_line_error(rc, err, needle):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("method,extra,field", [("vig", ["--budget", "2"], "vskip_layers"),
-                                                ("visual_mass", ["--skip-ratio", "0.5", "--max-new-tokens", "3"],
-                                                 "decode_bypass_layers"),
-                                                ("lc", ["--budget", "1", "--option", "kl_direction=reverse",
-                                                        "--batch-size", "2"], "frozen_layers")],
-                         ids=["vig", "visual_mass", "lc"])
+@pytest.mark.parametrize(
+    "method,extra,field",
+    [
+        ("vig", ["--budget", "2"], "vskip_layers"),
+        ("visual_mass", ["--skip-ratio", "0.5", "--max-new-tokens", "3"], "decode_bypass_layers"),
+        ("lc", ["--budget", "1", "--option", "kl_direction=reverse", "--batch-size", "2"], "frozen_layers"),
+    ],
+    ids=["vig", "visual_mass", "lc"],
+)
 def test_calibrate_then_generate(workdir, capsys, method, extra, field):
     out = workdir / f"{method}.json"
-    rc, stdout, err = _run(capsys, "calibrate", "--model", workdir / "model", "--data", workdir / "data.jsonl",
-                           "--method", method, *extra, "-o", out, "--no-progress")
+    rc, stdout, err = _run(
+        capsys,
+        "calibrate",
+        "--model",
+        workdir / "model",
+        "--data",
+        workdir / "data.jsonl",
+        "--method",
+        method,
+        *extra,
+        "-o",
+        out,
+        "--no-progress",
+    )
     assert rc == 0, err
     plan = SkipPlan.load(out)
     assert plan.method == method and plan.num_layers == LAYERS
@@ -66,15 +84,37 @@ def test_calibrate_then_generate(workdir, capsys, method, extra, field):
     assert method in stdout
     if method == "lc":
         assert plan.calibration["options"]["kl_direction"] == "reverse"
-    rc, stdout, err = _run(capsys, "generate", "--model", workdir / "model", "--plan", out, "--image",
-                           workdir / "img0.png", "--prompt", "hi", "--max-new-tokens", "4")
+    rc, stdout, err = _run(
+        capsys,
+        "generate",
+        "--model",
+        workdir / "model",
+        "--plan",
+        out,
+        "--image",
+        workdir / "img0.png",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "4",
+    )
     assert rc == 0, err
     assert stdout.endswith("\n")
 
 
 def test_diagnostics_command(workdir, capsys):
-    rc, stdout, err = _run(capsys, "diagnostics", "--model", workdir / "model", "--data", workdir / "data.jsonl",
-                           "--json", "--no-progress", "--max-samples", "1")
+    rc, stdout, err = _run(
+        capsys,
+        "diagnostics",
+        "--model",
+        workdir / "model",
+        "--data",
+        workdir / "data.jsonl",
+        "--json",
+        "--no-progress",
+        "--max-samples",
+        "1",
+    )
     assert rc == 0, err
     res = json.loads(stdout)
     assert len(res["visual_attention_ratio"]) == LAYERS and res["num_samples"] == 1
@@ -83,27 +123,51 @@ def test_diagnostics_command(workdir, capsys):
 def test_error_exits(workdir, capsys, tmp_path):
     model = workdir / "model"
     data = workdir / "data.jsonl"
-    cal = ("calibrate", "--model", model, "--method", "cosine", "--budget", "1", "-o", tmp_path / "p.json",
-           "--no-progress")
+    cal = (
+        "calibrate",
+        "--model",
+        model,
+        "--method",
+        "cosine",
+        "--budget",
+        "1",
+        "-o",
+        tmp_path / "p.json",
+        "--no-progress",
+    )
     _one_line_error(*_run(capsys, *cal, "--data", tmp_path / "missing.jsonl")[::2], "data file not found")
     bad = tmp_path / "bad.jsonl"
-    for text, needle in (('{"prompt": "x"}\n', "no image"),
-                         ('{"image": "img0.png"}\n', "'prompt'"),
-                         ("{not json\n", "not valid JSON"),
-                         ('{"image": "nope.png", "prompt": "x"}\n', "image not found"),
-                         (json.dumps({"image": str(workdir / "not_an_image.png"), "prompt": "x"}) + "\n",
-                          "cannot read image")):
+    for text, needle in (
+        ('{"prompt": "x"}\n', "no image"),
+        ('{"image": "img0.png"}\n', "'prompt'"),
+        ("{not json\n", "not valid JSON"),
+        ('{"image": "nope.png", "prompt": "x"}\n', "image not found"),
+        (json.dumps({"image": str(workdir / "not_an_image.png"), "prompt": "x"}) + "\n", "cannot read image"),
+    ):
         bad.write_text(text)
         rc, _, err = _run(capsys, *cal, "--data", bad)
         _one_line_error(rc, err, needle)
         assert "bad.jsonl:1" in err
-    rc, _, err = _run(capsys, "calibrate", "--model", tmp_path / "no_model", "--data", data, "--method", "cosine",
-                      "--budget", "1", "-o", tmp_path / "p.json")
+    rc, _, err = _run(
+        capsys,
+        "calibrate",
+        "--model",
+        tmp_path / "no_model",
+        "--data",
+        data,
+        "--method",
+        "cosine",
+        "--budget",
+        "1",
+        "-o",
+        tmp_path / "p.json",
+    )
     _one_line_error(rc, err, "model folder not found")
     other = tmp_path / "other.json"
     SkipPlan(num_layers=LAYERS + 3, vskip_layers=[5], model={"name_or_path": "big-model"}).save(other)
-    rc, _, err = _run(capsys, "generate", "--model", model, "--plan", other, "--prompt", "x", "--image",
-                      workdir / "img0.png")
+    rc, _, err = _run(
+        capsys, "generate", "--model", model, "--plan", other, "--prompt", "x", "--image", workdir / "img0.png"
+    )
     _one_line_error(rc, err, "big-model")
     rc, _, err = _run(capsys, "generate", "--model", model, "--plan", tmp_path / "nope.json", "--prompt", "x")
     _one_line_error(rc, err, "cannot read plan")
@@ -138,17 +202,29 @@ def test_bench_runner_is_found():
 
 def test_demo_end_to_end(capsys):
     """The demo on the shipped model, on a small subset so CI stays within minutes."""
-    rc, stdout, err = _run(capsys, "demo", "--quick", "--calibration-samples", "8", "--eval-samples", "16",
-                           "--budgets", "3", "--no-progress")
+    rc, stdout, err = _run(
+        capsys,
+        "demo",
+        "--quick",
+        "--calibration-samples",
+        "8",
+        "--eval-samples",
+        "16",
+        "--budgets",
+        "3",
+        "--no-progress",
+    )
     assert rc == 0, err
     lines = stdout.strip().splitlines()
     assert "12 decoder layers, 64 visual tokens per image" in lines[0]
     header = next(i for i, line in enumerate(lines) if line.startswith("mode "))
     end = next(i for i, line in enumerate(lines) if line.startswith("per-layer scores"))
-    table = [line.split() for line in lines[header + 1:end]]
+    table = [line.split() for line in lines[header + 1 : end]]
     assert [(r[0], r[1]) for r in table] == [("dense", "-")] + [
-        (mode, m) for mode, first in (("vskip", "vig"), ("frozen", "lc"), ("decode_bypass", "visual_mass"))
-        for m in (first, "cosine", "depth", "random")]
+        (mode, m)
+        for mode, first in (("vskip", "vig"), ("frozen", "lc"), ("decode_bypass", "visual_mass"))
+        for m in (first, "cosine", "depth", "random")
+    ]
     dense = table[0]
     assert dense[5] == "+0.0" and dense[6] == "100.0%"  # the dense row agrees with itself
     for row in table[1:]:
@@ -159,10 +235,15 @@ def test_demo_end_to_end(capsys):
     assert "\r" not in err and "it/s" not in err  # no progress bars when asked for none
 
 
-@pytest.mark.parametrize("argv,needle", [(["--budgets", "0"], "budgets must be ints in [1, 11]"),
-                                         (["--budgets", "12"], "budgets must be ints in [1, 11]"),
-                                         (["--eval-samples", "0"], "eval_samples must be a positive int")],
-                         ids=["budgets=0", "budgets=12", "eval_samples=0"])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--budgets", "0"], "budgets must be ints in [1, 11]"),
+        (["--budgets", "12"], "budgets must be ints in [1, 11]"),
+        (["--eval-samples", "0"], "eval_samples must be a positive int"),
+    ],
+    ids=["budgets=0", "budgets=12", "eval_samples=0"],
+)
 def test_demo_bad_arguments(capsys, argv, needle):
     _one_line_error(*_run(capsys, "demo", *argv, "--no-progress")[::2], needle)
 
@@ -191,8 +272,13 @@ def test_demo_model_folder_missing(capsys, tmp_path):
 
 def test_module_entry_point_error_exit(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "vskip_kernels", "generate", "--model", str(tmp_path / "none"),
-                           "--prompt", "x"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vskip_kernels", "generate", "--model", str(tmp_path / "none"), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("vskip: error: model folder not found")
     assert "Traceback" not in proc.stderr

@@ -16,6 +16,7 @@ looked at: the number of earlier positions is ``attention_mask.shape[1] - input_
 as generate() keeps the 2-D mask growing with the sequence (without a mask, the calls made
 inside one ``plan_hooks`` context are taken as one sequence).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,9 @@ import torch
 
 def _visual_ids(model) -> list[int]:
     cfg = model.config
-    return [v for v in (getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None))
-            if isinstance(v, int)]
+    return [
+        v for v in (getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None)) if isinstance(v, int)
+    ]
 
 
 def _lm(model):
@@ -56,7 +58,9 @@ def plan_hooks(model, vskip=(), frozen=(), bypass=()):
         seq_len = am.shape[1] if am is not None else st["seq_len"] + nq
         past = seq_len - nq
         if past == 0:
-            st["prompt_vis"] = torch.isin(ids, torch.tensor(ids_vis)) if ids_vis else torch.zeros_like(ids, dtype=torch.bool)
+            st["prompt_vis"] = (
+                torch.isin(ids, torch.tensor(ids_vis)) if ids_vis else torch.zeros_like(ids, dtype=torch.bool)
+            )
         elif st["prompt_vis"].shape[0] != ids.shape[0]:  # beams: rows of one prompt are identical
             st["prompt_vis"] = st["prompt_vis"].repeat_interleave(ids.shape[0] // st["prompt_vis"].shape[0], 0)
         st.update(seq_len=seq_len, nq=nq, decode=past > 0 and nq == 1)
@@ -70,7 +74,7 @@ def plan_hooks(model, vskip=(), frozen=(), bypass=()):
         return out
 
     def query_visual():
-        return key_visual(st["seq_len"])[:, st["seq_len"] - st["nq"]:]
+        return key_visual(st["seq_len"])[:, st["seq_len"] - st["nq"] :]
 
     def vskip_pre(module, args, kwargs):
         mask = kwargs["attention_mask"]

@@ -1,6 +1,7 @@
 """Hardening of the Hugging Face patch: plans that do not fit the model, repeated
 patch/remove cycles, beam expansion on an M-RoPE model, two patched models driven step by
 step in turn, and bitwise determinism of patched models (torch backend)."""
+
 import pytest
 import torch
 
@@ -21,16 +22,25 @@ def logits(model, inputs):
 
 
 def untouched(model, impl):
-    return (all("forward" not in layer.__dict__ for layer in decoder_layers(model))
-            and language_model(model).config._attn_implementation == impl
-            and "_vskip_handle" not in model.__dict__)
+    return (
+        all("forward" not in layer.__dict__ for layer in decoder_layers(model))
+        and language_model(model).config._attn_implementation == impl
+        and "_vskip_handle" not in model.__dict__
+    )
 
 
-@pytest.mark.parametrize("plan, match", [
-    (lambda: SkipPlan(num_layers=5, frozen_layers=[4]), "5 decoder layers"),
-    (lambda: SkipPlan(num_layers=2, vskip_layers=[1]), "2 decoder layers"),
-    (lambda: SkipPlan.from_dict(dict(SkipPlan(num_layers=4, decode_bypass_layers=[3]).to_dict())), "4 decoder layers"),
-], ids=["frozen-5_layers", "vskip-2_layers", "bypass-4_layers_from_dict"])
+@pytest.mark.parametrize(
+    "plan, match",
+    [
+        (lambda: SkipPlan(num_layers=5, frozen_layers=[4]), "5 decoder layers"),
+        (lambda: SkipPlan(num_layers=2, vskip_layers=[1]), "2 decoder layers"),
+        (
+            lambda: SkipPlan.from_dict(dict(SkipPlan(num_layers=4, decode_bypass_layers=[3]).to_dict())),
+            "4 decoder layers",
+        ),
+    ],
+    ids=["frozen-5_layers", "vskip-2_layers", "bypass-4_layers_from_dict"],
+)
 def test_plan_for_another_layer_count(plan, match):
     model = H.tiny_qwen2_vl()
     impl = language_model(model).config._attn_implementation
@@ -108,9 +118,10 @@ def test_return_sequences_on_mrope_model_and_greedy_refusal():
     assert hist.shape[0] == 6
     assert torch.equal(hist[:, :n], (inputs["input_ids"] == H.IMAGE_ID).repeat_interleave(3, 0))
     for i in range(2):
-        alone = model.generate(**H.sample_inputs(inputs, i, model), do_sample=False, num_beams=3,
-                               num_return_sequences=3, max_new_tokens=3)
-        assert torch.equal(out[3 * i:3 * i + 3, -3:], alone[:, -3:])
+        alone = model.generate(
+            **H.sample_inputs(inputs, i, model), do_sample=False, num_beams=3, num_return_sequences=3, max_new_tokens=3
+        )
+        assert torch.equal(out[3 * i : 3 * i + 3, -3:], alone[:, -3:])
 
 
 def _step(model, ids, am, cache):
@@ -128,12 +139,16 @@ def test_two_models_decoded_in_turn_keep_separate_masks():
     ha = apply_skip_plan(a, SkipPlan(**PLAN), backend="torch")
     hb = apply_skip_plan(b, SkipPlan(num_layers=3, frozen_layers=[0, 2], decode_bypass_layers=[1]), backend="torch")
     steps = 4
-    solo = [m.generate(**i, do_sample=False, max_new_tokens=steps)[:, i["input_ids"].shape[1]:]
-            for m, i in ((a, ia), (b, ib))]
+    solo = [
+        m.generate(**i, do_sample=False, max_new_tokens=steps)[:, i["input_ids"].shape[1] :]
+        for m, i in ((a, ia), (b, ib))
+    ]
     with torch.no_grad():
         oa, ob = a(**ia, use_cache=True), b(**ib, use_cache=True)
-    run = {"a": [a, oa.logits[:, -1].argmax(-1, keepdim=True), ia["attention_mask"], output_cache(oa), []],
-           "b": [b, ob.logits[:, -1].argmax(-1, keepdim=True), ib["attention_mask"], output_cache(ob), []]}
+    run = {
+        "a": [a, oa.logits[:, -1].argmax(-1, keepdim=True), ia["attention_mask"], output_cache(oa), []],
+        "b": [b, ob.logits[:, -1].argmax(-1, keepdim=True), ib["attention_mask"], output_cache(ob), []],
+    }
     for _ in range(steps):
         for name in ("a", "b"):
             model, tok, am, cache, toks = run[name]
@@ -146,5 +161,5 @@ def test_two_models_decoded_in_turn_keep_separate_masks():
     assert torch.equal(torch.cat(run["a"][4], 1), solo[0])
     assert torch.equal(torch.cat(run["b"][4], 1), solo[1])
     assert ha._state.history.shape[0] == 1 and hb._state.history.shape[0] == 2
-    assert torch.equal(ha._state.history[:, :ia["input_ids"].shape[1]], ia["input_ids"] == H.IMAGE_ID)
-    assert torch.equal(hb._state.history[:, :ib["input_ids"].shape[1]], ib["input_ids"] == H.IMAGE_ID)
+    assert torch.equal(ha._state.history[:, : ia["input_ids"].shape[1]], ia["input_ids"] == H.IMAGE_ID)
+    assert torch.equal(hb._state.history[:, : ib["input_ids"].shape[1]], ib["input_ids"] == H.IMAGE_ID)

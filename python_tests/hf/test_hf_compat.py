@@ -1,5 +1,6 @@
 """The transformers compat layer: cache keyword by either name, outputs, the tested range and
 its warning, and errors that name the release instead of answering wrongly."""
+
 import inspect
 import warnings
 
@@ -67,14 +68,16 @@ def _accepted_cache_names():
 def test_manual_decode_loop_with_each_cache_name_equals_generate(name):
     """Users continue a cache by hand under whichever name their code uses."""
     model = H.tiny_llava(layers=4)
-    apply_skip_plan(model, SkipPlan(num_layers=4, vskip_layers=[1], frozen_layers=[2], decode_bypass_layers=[0, 3]),
-                    backend="torch")
+    apply_skip_plan(
+        model, SkipPlan(num_layers=4, vskip_layers=[1], frozen_layers=[2], decode_bypass_layers=[0, 3]), backend="torch"
+    )
     inputs = H.make_inputs(model, batch=2, images=[2, 1], pad_extra=[2, 0])
     steps = 4
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        want = model.generate(**inputs, do_sample=False, max_new_tokens=steps,
-                              min_new_tokens=steps)[:, inputs["input_ids"].shape[1]:]
+        want = model.generate(**inputs, do_sample=False, max_new_tokens=steps, min_new_tokens=steps)[
+            :, inputs["input_ids"].shape[1] :
+        ]
         out = model(**inputs, use_cache=True)
         toks = [out.logits[:, -1:].argmax(-1)]
         am = inputs["attention_mask"]

@@ -1,6 +1,7 @@
 """A patched model's decode step traces into one graph (what CUDA-graph decode needs): no host
 read of the cache length, no data-dependent branch. Checked with fullgraph=True on CPU, where
 any graph break is an error, and the compiled step must equal the eager one."""
+
 import pytest
 import torch
 from transformers import StaticCache
@@ -13,8 +14,11 @@ from vskip_kernels.hf.compat import cache_kwargs
 pytestmark = pytest.mark.hf
 
 
-@pytest.mark.parametrize("plan", [dict(), dict(vskip_layers=[1], frozen_layers=[2], decode_bypass_layers=[0, 3])],
-                         ids=["empty", "vskip+frozen+bypass"])
+@pytest.mark.parametrize(
+    "plan",
+    [dict(), dict(vskip_layers=[1], frozen_layers=[2], decode_bypass_layers=[0, 3])],
+    ids=["empty", "vskip+frozen+bypass"],
+)
 def test_decode_step_compiles_fullgraph_and_matches_eager(plan):
     model = H.tiny_llava(layers=4)
     handle = apply_skip_plan(model, SkipPlan(num_layers=4, **plan), backend="torch")

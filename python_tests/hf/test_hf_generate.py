@@ -1,5 +1,6 @@
 """generate() under a SkipPlan: batching with left padding, decode bypass (dynamic and static
 caches), batch expansion for beams / num_return_sequences, chunked prefill, mass recording."""
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -17,7 +18,7 @@ STEPS = 4
 
 def gen(model, inputs, **kw):
     kw.setdefault("max_new_tokens", STEPS)
-    return model.generate(**inputs, do_sample=False, **kw)[:, inputs["input_ids"].shape[1]:]
+    return model.generate(**inputs, do_sample=False, **kw)[:, inputs["input_ids"].shape[1] :]
 
 
 @pytest.mark.parametrize("fam", H.VLM_FAMILIES)
@@ -29,7 +30,7 @@ def test_batched_generate_equals_each_sample_alone(fam):
     batched = gen(model, inputs)
     for i in range(2):
         alone = gen(model, H.sample_inputs(inputs, i, model))
-        assert torch.equal(batched[i:i + 1], alone), (i, batched, alone)
+        assert torch.equal(batched[i : i + 1], alone), (i, batched, alone)
 
 
 def reference_decode(ref, inputs, bypass, steps=STEPS):
@@ -55,9 +56,16 @@ def reference_decode(ref, inputs, bypass, steps=STEPS):
                     continue
                 n_keys = cache.layers[i].keys.shape[2] + 1
                 mask = torch.zeros(am.shape[0], 1, 1, n_keys).masked_fill(
-                    ~am[:, -n_keys:].bool()[:, None, None], torch.finfo(torch.float32).min)
-                h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=p, **cache_kwargs(cache),
-                          use_cache=True)
+                    ~am[:, -n_keys:].bool()[:, None, None], torch.finfo(torch.float32).min
+                )
+                h = layer(
+                    h,
+                    attention_mask=mask,
+                    position_embeddings=pe,
+                    position_ids=p,
+                    **cache_kwargs(cache),
+                    use_cache=True,
+                )
             tok = ref.lm_head(lm.norm(h))[:, -1].argmax(-1, keepdim=True)
             toks.append(tok)
     return torch.cat(toks, 1)
@@ -96,11 +104,12 @@ def test_beams_and_return_sequences_expand_the_mask():
     hist = handle._state.history
     ids = inputs["input_ids"].repeat_interleave(2, 0)
     assert hist.shape[0] == 4
-    assert torch.equal(hist[:, :ids.shape[1]], (ids == H.IMAGE_ID))
+    assert torch.equal(hist[:, : ids.shape[1]], (ids == H.IMAGE_ID))
     for i in range(2):
-        alone = model.generate(**H.sample_inputs(inputs, i, model), do_sample=False, num_beams=2,
-                               num_return_sequences=2, max_new_tokens=3)
-        assert torch.equal(out[2 * i:2 * i + 2, -3:], alone[:, -3:])
+        alone = model.generate(
+            **H.sample_inputs(inputs, i, model), do_sample=False, num_beams=2, num_return_sequences=2, max_new_tokens=3
+        )
+        assert torch.equal(out[2 * i : 2 * i + 2, -3:], alone[:, -3:])
     # Beam reordering moves the rows of the visual history with the cache.
     with torch.no_grad():
         o = model(**inputs, use_cache=True)
@@ -136,15 +145,15 @@ def test_chunked_prefill_matches_single_prefill():
     with torch.no_grad():
         whole = model(input_ids=full, attention_mask=torch.ones_like(full), pixel_values=inputs["pixel_values"]).logits
         first = model(**inputs, use_cache=True)
-        second = model(input_ids=extra, attention_mask=torch.ones_like(full), **cache_kwargs(output_cache(first)),
-                       use_cache=True)
+        second = model(
+            input_ids=extra, attention_mask=torch.ones_like(full), **cache_kwargs(output_cache(first)), use_cache=True
+        )
     torch.testing.assert_close(second.logits, whole[:, n:], rtol=0, atol=2e-5)
 
 
 def test_record_visual_mass_during_generate():
     model = H.tiny_qwen2_vl()
-    handle = apply_skip_plan(model, SkipPlan(num_layers=3, vskip_layers=[0], decode_bypass_layers=[1]),
-                             backend="torch")
+    handle = apply_skip_plan(model, SkipPlan(num_layers=3, vskip_layers=[0], decode_bypass_layers=[1]), backend="torch")
     inputs = H.make_inputs(model, batch=2, images=[1, 2])
     with handle.record_visual_mass() as rec:
         gen(model, inputs)

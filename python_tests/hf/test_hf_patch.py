@@ -1,5 +1,6 @@
 """apply_skip_plan on the five VLM families and two text-only decoders: prefill semantics,
 reversibility, per-model state, visual-mass recording, the triton backend and loading."""
+
 import pytest
 import torch
 
@@ -49,6 +50,7 @@ def reference_logits(ref_model, inputs, vskip=(), frozen=()):
 
         hooks.append(layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
         if li in frozen:
+
             def post(mod, args, kwargs, out):
                 x = args[0] if args else kwargs["hidden_states"]
                 return torch.where(is_vis[..., None], x, out)
@@ -133,7 +135,8 @@ def test_frozen_layer_skips_visual_rows_for_real():
     seen = {}
     for name in ("q_proj", "o_proj", "k_proj"):
         getattr(layer.self_attn, name).register_forward_hook(
-            lambda m, a, o, name=name: seen.__setitem__(name, a[0].reshape(-1, a[0].shape[-1]).shape[0]))
+            lambda m, a, o, name=name: seen.__setitem__(name, a[0].reshape(-1, a[0].shape[-1]).shape[0])
+        )
     layer.mlp.register_forward_hook(lambda m, a, o: seen.__setitem__("mlp", a[0].reshape(-1, a[0].shape[-1]).shape[0]))
     apply_skip_plan(model, SkipPlan(num_layers=3, frozen_layers=[1]), backend="torch")
     logits(model, inputs)
@@ -150,8 +153,9 @@ def test_remove_restores_exactly():
     layers_before = list(decoder_layers(model))
     hooks_before = (len(model._forward_pre_hooks), len(model._forward_hooks))
     impl_before = language_model(model).config._attn_implementation
-    handle = apply_skip_plan(model, SkipPlan(num_layers=3, vskip_layers=[0], frozen_layers=[1],
-                                             decode_bypass_layers=[2]), backend="torch")
+    handle = apply_skip_plan(
+        model, SkipPlan(num_layers=3, vskip_layers=[0], frozen_layers=[1], decode_bypass_layers=[2]), backend="torch"
+    )
     assert (logits(model, inputs) - before).abs().max() > 1e-3
     handle.remove()
     assert list(decoder_layers(model)) == layers_before
@@ -207,11 +211,13 @@ def test_set_plan_switches_without_repatching():
     handle = apply_skip_plan(model, SkipPlan(num_layers=3), backend="torch")
     dense = logits(model, inputs)
     handle.set_plan(SkipPlan(num_layers=3, vskip_layers=[1]))
-    torch.testing.assert_close(real(logits(model, inputs), inputs),
-                               real(reference_logits(ref, inputs, vskip=[1]), inputs), rtol=0, atol=ATOL)
+    torch.testing.assert_close(
+        real(logits(model, inputs), inputs), real(reference_logits(ref, inputs, vskip=[1]), inputs), rtol=0, atol=ATOL
+    )
     handle.set_plan(SkipPlan(num_layers=3, frozen_layers=[0]))
-    torch.testing.assert_close(real(logits(model, inputs), inputs),
-                               real(reference_logits(ref, inputs, frozen=[0]), inputs), rtol=0, atol=ATOL)
+    torch.testing.assert_close(
+        real(logits(model, inputs), inputs), real(reference_logits(ref, inputs, frozen=[0]), inputs), rtol=0, atol=ATOL
+    )
     handle.set_plan(SkipPlan(num_layers=3))
     assert torch.equal(logits(model, inputs), dense)
     with pytest.raises(PlanError):
@@ -261,8 +267,12 @@ def test_exception_mid_forward_leaves_no_stale_mask():
     assert out.shape == h.shape and torch.isfinite(out).all()
     # And the model works again.
     ref = H.tiny_llava()
-    torch.testing.assert_close(real(logits(model, inputs), inputs),
-                               real(reference_logits(ref, inputs, vskip=[0, 1, 2]), inputs), rtol=0, atol=ATOL)
+    torch.testing.assert_close(
+        real(logits(model, inputs), inputs),
+        real(reference_logits(ref, inputs, vskip=[0, 1, 2]), inputs),
+        rtol=0,
+        atol=ATOL,
+    )
 
 
 def test_inputs_embeds_needs_visual_context():
@@ -314,8 +324,10 @@ def test_record_visual_mass_frozen_and_vskip_policies():
     # The newest query is text: every policy lets it attend everywhere, so the mass equals the
     # eager attention of the reference run under the same plan.
     caught = {}
-    hooks = [layer.self_attn.register_forward_hook(lambda m, a, o, i=i: caught.__setitem__(i, o[1]))
-             for i, layer in enumerate(decoder_layers(ref))]
+    hooks = [
+        layer.self_attn.register_forward_hook(lambda m, a, o, i=i: caught.__setitem__(i, o[1]))
+        for i, layer in enumerate(decoder_layers(ref))
+    ]
     reference_logits(ref, inputs, vskip=[0], frozen=[1])
     for h in hooks:
         h.remove()
@@ -336,5 +348,7 @@ def test_save_pretrained_round_trip(tmp_path):
     apply_skip_plan(model, plan, backend="torch")
     apply_skip_plan(loaded, SkipPlan.load(plan_path), backend="torch")
     torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
-    assert torch.equal(loaded.generate(**inputs, max_new_tokens=3, do_sample=False),
-                       model.generate(**inputs, max_new_tokens=3, do_sample=False))
+    assert torch.equal(
+        loaded.generate(**inputs, max_new_tokens=3, do_sample=False),
+        model.generate(**inputs, max_new_tokens=3, do_sample=False),
+    )

@@ -1,6 +1,7 @@
 """generate() under a plan with vskip, frozen and decode-bypassed layers equals an independent
 reference (the model's own eager attention with the plan imposed by hooks, hf_reference.py),
 token by token and logit by logit, on every supported VLM family."""
+
 import pytest
 import torch
 
@@ -19,16 +20,30 @@ ATOL = 1e-4
 
 
 def _generate(model, inputs, **kw):
-    out = model.generate(**inputs, do_sample=False, max_new_tokens=STEPS, min_new_tokens=STEPS,
-                         output_scores=True, return_dict_in_generate=True, **kw)
+    out = model.generate(
+        **inputs,
+        do_sample=False,
+        max_new_tokens=STEPS,
+        min_new_tokens=STEPS,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
     n = inputs["input_ids"].shape[1]
     return out.sequences[:, n:], torch.stack(out.scores, 1)
 
 
 def _reference(fam, inputs, plan=PLAN, **kw):
     ref = H.FACTORIES[fam](layers=LAYERS)
-    with plan_hooks(ref, vskip=plan.get("vskip_layers", ()), frozen=plan.get("frozen_layers", ()),
-                    bypass=plan.get("decode_bypass_layers", ())), torch.no_grad():
+    with (
+        plan_hooks(
+            ref,
+            vskip=plan.get("vskip_layers", ()),
+            frozen=plan.get("frozen_layers", ()),
+            bypass=plan.get("decode_bypass_layers", ()),
+        ),
+        torch.no_grad(),
+    ):
         return _generate(ref, inputs, **kw)
 
 

@@ -1,5 +1,6 @@
 """The triton backend (Triton's interpreter on CPU) through the HF patch: same logits and
 tokens as the torch backend, with one schedule planned per policy per forward."""
+
 import pytest
 import torch
 
@@ -8,9 +9,13 @@ from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan
 from vskip_kernels.ops import dispatch
 
-pytestmark = [pytest.mark.hf,
-              pytest.mark.skipif(not (torch.cuda.is_available() or dispatch.interpreter_on()),
-                                 reason="triton backend needs CUDA or TRITON_INTERPRET=1")]
+pytestmark = [
+    pytest.mark.hf,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() or dispatch.interpreter_on()),
+        reason="triton backend needs CUDA or TRITON_INTERPRET=1",
+    ),
+]
 
 PLAN = dict(num_layers=3, vskip_layers=[0], frozen_layers=[1], decode_bypass_layers=[2])
 

@@ -1,4 +1,5 @@
 """The shared rule for which new positions are visual (used by the HF and vLLM integrations)."""
+
 import torch
 
 from vskip_kernels.visual_tokens import VisualTokenRule

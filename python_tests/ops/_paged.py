@@ -1,5 +1,6 @@
 """Paged-cache layouts for the paged kernel tests: scatter per-request K/V into a shuffled
 block pool, and the per-request reference on the contiguous originals."""
+
 from __future__ import annotations
 
 import torch
@@ -27,9 +28,9 @@ def make_case(reqs, *, hq=4, hkv=2, d=32, bs=16, dtype=torch.float32, seed=0, sp
     qs, per_req, cu = [], [], [0]
     used = 0
     for r, (L, n, ranges) in enumerate(reqs):
-        ids = perm[used:used + nblks[r]]
+        ids = perm[used : used + nblks[r]]
         used += nblks[r]
-        block_table[r, :nblks[r]] = ids.int()
+        block_table[r, : nblks[r]] = ids.int()
         k = torch.randn(1, hkv, L, d, generator=g).to(dtype)
         v = torch.randn(1, hkv, L, d, generator=g).to(dtype)
         q = torch.randn(1, hq, n, d, generator=g).to(dtype)
@@ -45,9 +46,16 @@ def make_case(reqs, *, hq=4, hkv=2, d=32, bs=16, dtype=torch.float32, seed=0, sp
         qs.append(q[0].transpose(0, 1))
         cu.append(cu[-1] + n)
         per_req.append((q, k, v, vis))
-    return dict(q=torch.cat(qs, 0).contiguous(), k_cache=k_cache, v_cache=v_cache, block_table=block_table,
-                seq_lens=torch.tensor([L for L, _, _ in reqs], dtype=torch.int32),
-                query_start_loc=torch.tensor(cu, dtype=torch.int32), slot_kinds=slot_kinds, per_req=per_req)
+    return dict(
+        q=torch.cat(qs, 0).contiguous(),
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_table=block_table,
+        seq_lens=torch.tensor([L for L, _, _ in reqs], dtype=torch.int32),
+        query_start_loc=torch.tensor(cu, dtype=torch.int32),
+        slot_kinds=slot_kinds,
+        per_req=per_req,
+    )
 
 
 def reference(case, policy, visual_self=True, upcast=True):

@@ -5,6 +5,7 @@ Compilation runs in worker subprocesses without TRITON_INTERPRET: under the
 interpreter, triton.language's own @jit helpers (tl.sum, tl.max, ...) are
 interpreter functions and cannot be compiled. Two workers use both CI cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,16 +39,25 @@ def _run_workers(jobs, n_workers=2):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     # Interleave so that both workers get a mix of cheap and expensive configs.
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(jobs[i::n_workers])], cwd=REPO_ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(n_workers) if jobs[i::n_workers]]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, json.dumps(jobs[i::n_workers])],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n_workers)
+        if jobs[i::n_workers]
+    ]
     results = {}
     for p in procs:
         out, err = p.communicate()
         marker = [line for line in out.splitlines() if line.startswith("@@RESULT@@")]
         if p.returncode != 0 or not marker:
             raise RuntimeError(f"compile worker failed (rc={p.returncode}):\n{err[-4000:]}")
-        results.update(json.loads(marker[-1][len("@@RESULT@@"):]))
+        results.update(json.loads(marker[-1][len("@@RESULT@@") :]))
     return results
 
 
@@ -61,7 +71,8 @@ def test_compiles_within_smem(compiled, name, cc):
     res = compiled[f"{name}@{cc}"]
     assert "error" not in res, f"{name} failed to compile for sm{cc}: {res.get('error')}"
     assert res["shared"] <= aot.SMEM_LIMITS[cc], (
-        f"{name} uses {res['shared']} bytes of shared memory, sm{cc} allows {aot.SMEM_LIMITS[cc]}")
+        f"{name} uses {res['shared']} bytes of shared memory, sm{cc} allows {aot.SMEM_LIMITS[cc]}"
+    )
 
 
 def test_every_target_has_a_config_per_head_dim_and_dtype():
@@ -83,8 +94,9 @@ def test_smem_estimate_bounds_measured(compiled):
             continue
         c = spec.constexprs
         for cc in spec.targets:
-            est = ta.smem_estimate(cc, c["BLOCK_M"], c["BLOCK_N"], c["HEAD_DIM"], spec.signature["Q"][1:],
-                                   spec.num_stages)
+            est = ta.smem_estimate(
+                cc, c["BLOCK_M"], c["BLOCK_N"], c["HEAD_DIM"], spec.signature["Q"][1:], spec.num_stages
+            )
             res = compiled[f"{spec.name}@{cc}"]
             if "shared" in res:
                 assert res["shared"] <= est, (spec.name, cc, res["shared"], est)
@@ -100,4 +112,5 @@ def test_gate_compiles_with_runtime_specialisation(compiled):
     shared = compiled[f"{spec.name}@80"]["shared"]
     assert shared >= kv_pipeline, (
         f"{spec.name} compiled with {shared} bytes of smem, below its {spec.num_stages}-stage K/V pipeline "
-        f"({kv_pipeline}): aot.compile_spec must pass AotSpec attrs to ASTSource")
+        f"({kv_pipeline}): aot.compile_spec must pass AotSpec attrs to ASTSource"
+    )

@@ -4,6 +4,7 @@ The kernel file is plain CUDA, compiled alone with nvcc; the torch glue is
 syntax-checked with the host compiler against torch's headers. Both skip when
 the toolchain is absent.
 """
+
 import os
 import shutil
 import subprocess
@@ -54,8 +55,19 @@ def _cuda_include():
 def test_kernels_compile_for_all_targets(tmp_path):
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
     obj = tmp_path / "plan_schedule_kernel.o"
-    cmd = [NVCC, "-c", "-O3", "-std=c++17", "-Werror", "all-warnings", *gencode, *_torch_includes(),
-           str(CUDA_DIR / "plan_schedule_kernel.cu"), "-o", str(obj)]
+    cmd = [
+        NVCC,
+        "-c",
+        "-O3",
+        "-std=c++17",
+        "-Werror",
+        "all-warnings",
+        *gencode,
+        *_torch_includes(),
+        str(CUDA_DIR / "plan_schedule_kernel.cu"),
+        "-o",
+        str(obj),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}"
     assert obj.stat().st_size > 0
@@ -79,7 +91,14 @@ def test_torch_glue_parses_against_torch_headers(tmp_path):
         shim.mkdir(parents=True)
         (shim / "cuda_cmake_macros.h").write_text("#pragma once\n")
         extra.append(f"-I{tmp_path / 'shim'}")
-    cmd = [cxx, "-std=c++20", "-fsyntax-only", *_torch_includes(), *extra, f"-I{cuda_inc}",
-           str(CUDA_DIR / "plan_schedule_cuda.cpp")]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-fsyntax-only",
+        *_torch_includes(),
+        *extra,
+        f"-I{cuda_inc}",
+        str(CUDA_DIR / "plan_schedule_cuda.cpp"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"host compile failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}"

@@ -11,6 +11,7 @@ Launches inside ``count_tiles`` take one config without autotuning (one compile 
 kernel variant keeps the grid to minutes) and count the tile pairs they process, which
 must equal the schedule's live pairs: block sparsity checked on the real kernels.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -35,8 +36,9 @@ FP32_OUT_ATOL = 1e-4
 
 # (policy, dtype, head dim): the policy rotates over the dtype x head-dim grid, so each
 # (dtype, head dim) and each (dtype, policy) pair is covered.
-GRID = [(POLICIES[(i + j) % 3], dt, d) for (i, dt), (j, d) in itertools.product(enumerate(DTYPES),
-                                                                                 enumerate(HEAD_DIMS))]
+GRID = [
+    (POLICIES[(i + j) % 3], dt, d) for (i, dt), (j, d) in itertools.product(enumerate(DTYPES), enumerate(HEAD_DIMS))
+]
 
 
 def cuda(*ts):
@@ -63,8 +65,18 @@ def test_prefill_every_dtype_and_head_dim(dtype, d, policy):
     bm, bn = ta.block_sizes(q)
     sched = plan_schedule(vis, am, nq=n, policy=policy, block_m=bm, block_n=bn)
     with ta.count_tiles() as counter:
-        res = modality_attention(q, k, v, vis, policy=policy, attention_mask=am, schedule=sched,
-                                 return_visual_mass=True, return_lse=True, backend="triton")
+        res = modality_attention(
+            q,
+            k,
+            v,
+            vis,
+            policy=policy,
+            attention_mask=am,
+            schedule=sched,
+            return_visual_mass=True,
+            return_lse=True,
+            backend="triton",
+        )
     assert res[0].device == q.device and res[0].dtype == dtype
     assert_matches_reference(res, q, k, v, vis, am, policy, True, out_atol=out_atol(dtype))
     live = live_tile_pairs(allowed_mask(vis, am, n, policy, True), bm, bn)
@@ -90,8 +102,18 @@ def test_prefill_variants_chunked(visual_self, want):
     """Nq < Nk (chunked prefill), visual_self off, and each subset of the extra outputs."""
     vis, am = cuda(*build_layout(900, [(20, 600)], [(0, 300), (650, 800)], pad=(0, 9)))
     q, k, v = cuda(*make_qkv(2, 8, 4, 300, 900, 128, torch.bfloat16, seed=3))
-    res = modality_attention(q, k, v, vis, policy="vskip", attention_mask=am, visual_self=visual_self,
-                             return_visual_mass=want[0], return_lse=want[1], backend="triton")
+    res = modality_attention(
+        q,
+        k,
+        v,
+        vis,
+        policy="vskip",
+        attention_mask=am,
+        visual_self=visual_self,
+        return_visual_mass=want[0],
+        return_lse=want[1],
+        backend="triton",
+    )
     res = res if isinstance(res, tuple) else (res,)
     full = [res[0], None, None]
     if want[0]:
@@ -131,14 +153,27 @@ def test_varlen_matches_per_sequence(dtype, d, policy):
     vis = (torch.rand(tk, generator=g) < 0.7).cuda()
     cu = lambda lens: torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32).cuda()
     cq, ck = cu(lens_q), cu(lens_k)
-    out, mass, lse = modality_attention_varlen(q, k, v, cq, ck, max(lens_q), max(lens_k), vis, policy=policy,
-                                               return_visual_mass=True, return_lse=True, backend="triton")
+    out, mass, lse = modality_attention_varlen(
+        q,
+        k,
+        v,
+        cq,
+        ck,
+        max(lens_q),
+        max(lens_k),
+        vis,
+        policy=policy,
+        return_visual_mass=True,
+        return_lse=True,
+        backend="triton",
+    )
     for i in range(len(lens_q)):
         qs, ks = slice(int(cq[i]), int(cq[i + 1])), slice(int(ck[i]), int(ck[i + 1]))
         to4 = lambda t: t.transpose(0, 1)[None]
         got = tuple(x[qs].transpose(0, 1)[None] for x in (out, mass, lse))
-        assert_matches_reference(got, to4(q[qs]), to4(k[ks]), to4(v[ks]), vis[ks][None], None, policy, True,
-                                 out_atol=out_atol(dtype))
+        assert_matches_reference(
+            got, to4(q[qs]), to4(k[ks]), to4(v[ks]), vis[ks][None], None, policy, True, out_atol=out_atol(dtype)
+        )
 
 
 # ----------------------------------------------------------------------------- decode
@@ -155,8 +190,18 @@ def test_decode_every_dtype_and_head_dim(dtype, d, policy):
         sched = plan_schedule(vis, am, nq=nq, policy=policy, block_m=64, block_n=64)
         assert td.use_decode_path(q, k)
         with ta.count_tiles() as counter:
-            res = modality_attention(q, k, v, vis, policy=policy, attention_mask=am, schedule=sched,
-                                     return_visual_mass=True, return_lse=True, backend="triton")
+            res = modality_attention(
+                q,
+                k,
+                v,
+                vis,
+                policy=policy,
+                attention_mask=am,
+                schedule=sched,
+                return_visual_mass=True,
+                return_lse=True,
+                backend="triton",
+            )
         assert_matches_reference(res, q, k, v, vis, am, policy, True, out_atol=out_atol(dtype))
         assert counter.value == 28 * int(sched.live_pairs())
 
@@ -175,8 +220,9 @@ def test_decode_replays_in_a_cuda_graph():
     sched = plan_schedule(vis, nq=1, policy="vskip", block_m=64, block_n=64)
 
     def step():
-        return modality_attention(q, k, v, vis, policy="vskip", schedule=sched, return_visual_mass=True,
-                                  backend="triton")
+        return modality_attention(
+            q, k, v, vis, policy="vskip", schedule=sched, return_visual_mass=True, backend="triton"
+        )
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -232,11 +278,19 @@ def test_visual_mass_every_dtype_and_head_dim(dtype, d, policy):
     vis, am = cuda(*build_layout(nk, image, image, pad=(0, 300)))
     q, k, _ = cuda(*make_qkv(2, 28, 4, 6, nk, d, dtype, seed=d))
     for positions in (None, [-1], [0, 3]):
-        got = visual_attention_mass(q, k, vis, policy=policy, attention_mask=am, query_positions=positions,
-                                    backend="triton")
+        got = visual_attention_mass(
+            q, k, vis, policy=policy, attention_mask=am, query_positions=positions, backend="triton"
+        )
         ref = visual_mass_ref(q, k, vis, policy=policy, attention_mask=am, query_positions=positions)
-        reflp_full = attention_ref(q, k, torch.zeros_like(k[..., :1]).expand(*k.shape[:-1], 1).contiguous(), vis,
-                                   policy=policy, attention_mask=am, upcast=False)[1]
+        reflp_full = attention_ref(
+            q,
+            k,
+            torch.zeros_like(k[..., :1]).expand(*k.shape[:-1], 1).contiguous(),
+            vis,
+            policy=policy,
+            attention_mask=am,
+            upcast=False,
+        )[1]
         reflp = reflp_full if positions is None else reflp_full[:, :, torch.tensor(positions, device=q.device)]
         assert got.device == q.device and got.dtype == torch.float32
         assert_rule(f"visual mass {positions}", got, ref, reflp)
@@ -267,11 +321,11 @@ def test_schedule_on_cuda_matches_torch_planner(policy, visual_self):
         vis = torch.rand(b, nk, generator=g) < 0.6
         am = (torch.rand(b, nk, generator=g) < 0.95).int()
         bm, bn = ((64, 64), (128, 64), (64, 32), (16, 128))[trial % 4]
-        cpu = plan_schedule(vis, am, nq=nq, policy=policy, visual_self=visual_self, block_m=bm, block_n=bn,
-                            backend="torch")
+        cpu = plan_schedule(
+            vis, am, nq=nq, policy=policy, visual_self=visual_self, block_m=bm, block_n=bn, backend="torch"
+        )
         vis_gpu = vis.cuda()
-        gpu = plan_schedule(vis_gpu, am.cuda(), nq=nq, policy=policy, visual_self=visual_self, block_m=bm,
-                            block_n=bn)
+        gpu = plan_schedule(vis_gpu, am.cuda(), nq=nq, policy=policy, visual_self=visual_self, block_m=bm, block_n=bn)
         for name in ("full_cnt", "full_idx", "part_cnt", "part_idx"):
             a, c = getattr(cpu, name), getattr(gpu, name)
             assert c.device == vis_gpu.device, name

@@ -1,5 +1,6 @@
 """FlexAttention interop: our mask_mod gives FlexAttention the reference's semantics, and a
 planned Schedule is the same block structure FlexAttention derives from that mask_mod."""
+
 import warnings
 
 import pytest
@@ -34,8 +35,9 @@ def _flex(q, k, v, block_mask):
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
-CASES = [(p, vs, nq) for p in ("dense", "vskip", "frozen") for vs in (True, False) for nq in (NK, 37)
-         if p == "vskip" or vs]
+CASES = [
+    (p, vs, nq) for p in ("dense", "vskip", "frozen") for vs in (True, False) for nq in (NK, 37) if p == "vskip" or vs
+]
 
 
 @pytest.mark.parametrize("blocks", [(64, 64), (128, 64)])
@@ -43,11 +45,13 @@ CASES = [(p, vs, nq) for p in ("dense", "vskip", "frozen") for vs in (True, Fals
 def test_flex_with_our_mask_mod_and_our_block_mask_equal_the_reference(policy, visual_self, nq, blocks):
     q, k, v, iv, am = _inputs(nq)
     ref, _, _ = attention_ref(q, k, v, iv, policy=policy, attention_mask=am, visual_self=visual_self)
-    bm = create_block_mask(mask_mod(iv, policy, am, nq=nq, visual_self=visual_self), B, None, nq, NK,
-                           device="cpu", BLOCK_SIZE=blocks)
+    bm = create_block_mask(
+        mask_mod(iv, policy, am, nq=nq, visual_self=visual_self), B, None, nq, NK, device="cpu", BLOCK_SIZE=blocks
+    )
     torch.testing.assert_close(_flex(q, k, v, bm), ref, rtol=1e-5, atol=1e-5)
-    sched = vk.plan_schedule(iv, am, nq=nq, policy=policy, visual_self=visual_self, block_m=blocks[0],
-                             block_n=blocks[1])
+    sched = vk.plan_schedule(
+        iv, am, nq=nq, policy=policy, visual_self=visual_self, block_m=blocks[0], block_n=blocks[1]
+    )
     torch.testing.assert_close(_flex(q, k, v, sched.to_block_mask()), ref, rtol=1e-5, atol=1e-5)
     # The same tiles: FlexAttention's computed and full blocks are our live and full tiles.
     assert torch.equal(bm.to_dense()[:, 0].bool(), sched.live_mask())

@@ -7,6 +7,7 @@
 * the Triton path never allocates anything N x N (allocation functions are wrapped and
   only calls made from vskip_kernels code count).
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,12 @@ POLICY_CASES = (("dense", True), ("vskip", False), ("frozen", True))
 
 def qkv(b=2, hq=4, hkv=2, nq=8, nk=8, d=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, hq, nq, d, generator=g), torch.randn(b, hkv, nk, d, generator=g),
-            torch.randn(b, hkv, nk, d, generator=g), torch.zeros(b, nk, dtype=torch.bool))
+    return (
+        torch.randn(b, hq, nq, d, generator=g),
+        torch.randn(b, hkv, nk, d, generator=g),
+        torch.randn(b, hkv, nk, d, generator=g),
+        torch.zeros(b, nk, dtype=torch.bool),
+    )
 
 
 # --------------------------------------------------------------------------- degenerate shapes
@@ -61,8 +66,14 @@ def _packed(lens_q, lens_k, hq=2, hkv=1, d=64):
     g = torch.Generator().manual_seed(1)
     cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     tq, tk = sum(lens_q), sum(lens_k)
-    return (torch.randn(tq, hq, d, generator=g), torch.randn(tk, hkv, d, generator=g),
-            torch.randn(tk, hkv, d, generator=g), cu(lens_q), cu(lens_k), torch.zeros(tk, dtype=torch.bool))
+    return (
+        torch.randn(tq, hq, d, generator=g),
+        torch.randn(tk, hkv, d, generator=g),
+        torch.randn(tk, hkv, d, generator=g),
+        cu(lens_q),
+        cu(lens_k),
+        torch.zeros(tk, dtype=torch.bool),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -115,8 +126,18 @@ def nonfinite_case():
 
 
 def run(q, k, v, vis, mask, nq, policy, visual_self, backend):
-    return modality_attention(q[:, :, -nq:], k, v, vis, policy=policy, attention_mask=mask, visual_self=visual_self,
-                              return_visual_mass=True, return_lse=True, backend=backend)
+    return modality_attention(
+        q[:, :, -nq:],
+        k,
+        v,
+        vis,
+        policy=policy,
+        attention_mask=mask,
+        visual_self=visual_self,
+        return_visual_mass=True,
+        return_lse=True,
+        backend=backend,
+    )
 
 
 def attending(vis, mask, nq, policy, visual_self, j):
@@ -212,10 +233,37 @@ def test_non_finite_k_visual_mass(policy, visual_self):
 
 # --------------------------------------------------------------------------- no N x N buffer
 
-_FACTORIES = ("empty", "zeros", "ones", "full", "empty_like", "zeros_like", "ones_like", "full_like",
-              "empty_strided", "arange", "cat", "stack", "where", "repeat_interleave", "tensor", "as_tensor")
-_METHODS = ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "repeat", "expand", "contiguous",
-            "clone", "to", "float")
+_FACTORIES = (
+    "empty",
+    "zeros",
+    "ones",
+    "full",
+    "empty_like",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "empty_strided",
+    "arange",
+    "cat",
+    "stack",
+    "where",
+    "repeat_interleave",
+    "tensor",
+    "as_tensor",
+)
+_METHODS = (
+    "new_empty",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_tensor",
+    "repeat",
+    "expand",
+    "contiguous",
+    "clone",
+    "to",
+    "float",
+)
 
 
 class AllocationRecorder:
@@ -248,7 +296,7 @@ def long_inputs(n, policy_seed=0):
     k = torch.randn(1, 1, n, 16, generator=g).half()
     v = torch.randn(1, 1, n, 16, generator=g).half()
     vis = torch.zeros(1, n, dtype=torch.bool)
-    vis[:, 8: n - 24] = True  # one long image between a short prompt and a short question
+    vis[:, 8 : n - 24] = True  # one long image between a short prompt and a short question
     return q, k, v, vis
 
 
@@ -266,8 +314,9 @@ def test_triton_never_allocates_n_by_n(monkeypatch, policy):
     n = 1024 + 512 + 37
     q, k, v, vis = long_inputs(n)
     rec = AllocationRecorder(monkeypatch)
-    out, mass, lse = modality_attention(q, k, v, vis, policy=policy, return_visual_mass=True, return_lse=True,
-                                        backend="triton")
+    out, mass, lse = modality_attention(
+        q, k, v, vis, policy=policy, return_visual_mass=True, return_lse=True, backend="triton"
+    )
     step = modality_attention(q[:, :, -1:], k, v, vis, policy=policy, backend="triton")  # decode path
     last = visual_attention_mass(q, k, vis, policy=policy, query_positions=[-1, 0, 600], backend="triton")
     monkeypatch.undo()

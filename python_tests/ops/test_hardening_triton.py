@@ -7,6 +7,7 @@ are multiples of no tile size, for every policy. Each kernel is checked with the
 ``count_tiles()`` total against ``reference.live_tile_pairs``. derandomize=True keeps CI
 reproducible; shapes are small because the interpreter runs every program in Python.
 """
+
 from __future__ import annotations
 
 from unittest import mock
@@ -25,8 +26,13 @@ POLICIES = ("dense", "vskip", "frozen")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (64, 80, 96, 128)
 GQA = (1, 2, 4, 7)
-BUDGET = settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+BUDGET = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @st.composite
@@ -43,7 +49,7 @@ def layouts(draw, min_len=1, max_len=70):
             where = draw(st.sampled_from(("start", "end", "inside")))
             length = draw(st.integers(1, nk))
             start = {"start": 0, "end": max(0, nk - length), "inside": draw(st.integers(0, nk - 1))}[where]
-            vis[b, start: start + length] = True
+            vis[b, start : start + length] = True
     return vis, mask
 
 
@@ -52,9 +58,18 @@ def problems(draw, nq_range, max_len=70):
     vis, mask = draw(layouts(min_len=nq_range[0], max_len=max_len))
     nk = vis.shape[1]
     nq = draw(st.integers(nq_range[0], min(nq_range[1], nk)))
-    return dict(vis=vis, mask=mask, nq=nq, policy=draw(st.sampled_from(POLICIES)), visual_self=draw(st.booleans()),
-                group=draw(st.sampled_from(GQA)), hkv=draw(st.integers(1, 2)), d=draw(st.sampled_from(HEAD_DIMS)),
-                dtype=draw(st.sampled_from(DTYPES)), seed=draw(st.integers(0, 2**16)))
+    return dict(
+        vis=vis,
+        mask=mask,
+        nq=nq,
+        policy=draw(st.sampled_from(POLICIES)),
+        visual_self=draw(st.booleans()),
+        group=draw(st.sampled_from(GQA)),
+        hkv=draw(st.integers(1, 2)),
+        d=draw(st.sampled_from(HEAD_DIMS)),
+        dtype=draw(st.sampled_from(DTYPES)),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def make_qkv(p):
@@ -95,17 +110,34 @@ def live_pairs(p, block_m, block_n):
 
 def run_triton(p, q, k, v, sched):
     """(out, visual_mass, lse) from the triton backend for problem ``p`` on schedule ``sched``."""
-    return modality_attention(q, k, v, p["vis"], policy=p["policy"], attention_mask=p["mask"],
-                              visual_self=p["visual_self"], return_visual_mass=True, return_lse=True,
-                              schedule=sched, backend="triton")
+    return modality_attention(
+        q,
+        k,
+        v,
+        p["vis"],
+        policy=p["policy"],
+        attention_mask=p["mask"],
+        visual_self=p["visual_self"],
+        return_visual_mass=True,
+        return_lse=True,
+        schedule=sched,
+        backend="triton",
+    )
 
 
 @BUDGET
 @given(p=problems((1, 70)), block_m=st.sampled_from((16, 32, 64)), block_n=st.sampled_from((16, 32, 64)))
 def test_prefill_kernel_random_layouts(p, block_m, block_n):
     q, k, v = make_qkv(p)
-    sched = plan_schedule(p["vis"], p["mask"], nq=p["nq"], policy=p["policy"], visual_self=p["visual_self"],
-                          block_m=block_m, block_n=block_n)
+    sched = plan_schedule(
+        p["vis"],
+        p["mask"],
+        nq=p["nq"],
+        policy=p["policy"],
+        visual_self=p["visual_self"],
+        block_m=block_m,
+        block_n=block_n,
+    )
     # Small Nq would take the decode path; force the prefill kernel so it sees every Nq too.
     with mock.patch.object(td, "use_decode_path", lambda q, k: False), ta.count_tiles() as counter:
         got = run_triton(p, q, k, v, sched)
@@ -117,8 +149,15 @@ def test_prefill_kernel_random_layouts(p, block_m, block_n):
 @given(p=problems((1, 4), max_len=90), block_m=st.sampled_from((16, 32, 64)), block_n=st.sampled_from((16, 32, 64)))
 def test_decode_kernel_random_layouts(p, block_m, block_n):
     q, k, v = make_qkv(p)
-    sched = plan_schedule(p["vis"], p["mask"], nq=p["nq"], policy=p["policy"], visual_self=p["visual_self"],
-                          block_m=block_m, block_n=block_n)
+    sched = plan_schedule(
+        p["vis"],
+        p["mask"],
+        nq=p["nq"],
+        policy=p["policy"],
+        visual_self=p["visual_self"],
+        block_m=block_m,
+        block_n=block_n,
+    )
     assert td.use_decode_path(q, k)
     with ta.count_tiles() as counter:
         got = run_triton(p, q, k, v, sched)
@@ -157,8 +196,18 @@ def _fixed_problem(nq, seed=5):
     vis[1, 30:45] = True
     mask = torch.ones(2, 45, dtype=torch.int32)
     mask[1, :7] = 0
-    return dict(vis=vis, mask=mask, nq=nq, policy="vskip", visual_self=True, group=2, hkv=2, d=80,
-                dtype=torch.float16, seed=seed)
+    return dict(
+        vis=vis,
+        mask=mask,
+        nq=nq,
+        policy="vskip",
+        visual_self=True,
+        group=2,
+        hkv=2,
+        d=80,
+        dtype=torch.float16,
+        seed=seed,
+    )
 
 
 def bits(t):
@@ -171,12 +220,18 @@ def test_triton_bitwise_deterministic():
     for nq in (45, 3):
         p = _fixed_problem(nq)
         q, k, v = make_qkv(p)
-        runs = [modality_attention(q, k, v, p["vis"], attention_mask=p["mask"], return_visual_mass=True,
-                                   return_lse=True, backend="triton") for _ in range(2)]
+        runs = [
+            modality_attention(
+                q, k, v, p["vis"], attention_mask=p["mask"], return_visual_mass=True, return_lse=True, backend="triton"
+            )
+            for _ in range(2)
+        ]
         for a, b in zip(*runs):
             assert torch.equal(bits(a), bits(b))
     p = _fixed_problem(45)
     q, k, _ = make_qkv(p)
-    runs = [visual_attention_mass(q, k, p["vis"], attention_mask=p["mask"], query_positions=[-1, 0, 17],
-                                  backend="triton") for _ in range(2)]
+    runs = [
+        visual_attention_mass(q, k, p["vis"], attention_mask=p["mask"], query_positions=[-1, 0, 17], backend="triton")
+        for _ in range(2)
+    ]
     assert torch.equal(bits(runs[0]), bits(runs[1]))

@@ -1,4 +1,5 @@
 """The torch backend never builds an N x N buffer: a 32k-token, 31k-visual-token prompt on CPU."""
+
 import os
 import subprocess
 import sys
@@ -42,8 +43,7 @@ SCRIPT = textwrap.dedent(f"""
 @pytest.mark.parametrize("policy", ("vskip", "frozen"))
 def test_32k_tokens_bounded_memory(policy):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", SCRIPT, policy], capture_output=True, text=True, env=env,
-                         timeout=600)
+    res = subprocess.run([sys.executable, "-c", SCRIPT, policy], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr
     grown_mib = float(res.stdout.strip().splitlines()[-1])
     # inputs are 16 MiB each; the tiles are bounded to tens of MiB. 512 MiB is 1/8 of one N x N matrix.

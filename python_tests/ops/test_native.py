@@ -1,4 +1,5 @@
 """The native vskip::plan_schedule op against the PyTorch schedule path, plus tracing and fallback."""
+
 import os
 import subprocess
 import sys
@@ -84,7 +85,10 @@ def test_native_edge_layouts(policy):
         for nq in {1, is_visual.shape[1]}:
             for bm, bn in ((16, 16), (64, 32), (128, 128)):
                 kw = dict(nq=nq, policy=policy, block_m=bm, block_n=bn)
-                _assert_same(plan_schedule(is_visual, mask, backend="torch", **kw), plan_schedule(is_visual, mask, backend="native", **kw))
+                _assert_same(
+                    plan_schedule(is_visual, mask, backend="torch", **kw),
+                    plan_schedule(is_visual, mask, backend="native", **kw),
+                )
 
 
 @needs_native

@@ -1,5 +1,6 @@
 """Paged PyTorch attention (ops/pytorch/paged.py, the vLLM backend's CPU path) against
 reference.attention_ref on each request's contiguous copy."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,17 @@ POLICIES = ("dense", "vskip", "frozen")
 
 
 def _run(case, policy, **kw):
-    return paged_attention_torch(case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["seq_lens"],
-                                 case["query_start_loc"], case["slot_kinds"], policy=policy, **kw)
+    return paged_attention_torch(
+        case["q"],
+        case["k_cache"],
+        case["v_cache"],
+        case["block_table"],
+        case["seq_lens"],
+        case["query_start_loc"],
+        case["slot_kinds"],
+        policy=policy,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("visual_self", (True, False))
@@ -23,8 +33,9 @@ def test_mixed_batch_matches_reference(policy, visual_self):
     case = make_case(MIXED, seed=1)
     got = _run(case, policy, visual_self=visual_self)
     assert got.shape == case["q"].shape and got.dtype == case["q"].dtype
-    assert_rule(f"paged-{policy}", got, reference(case, policy, visual_self), reference(case, policy, visual_self,
-                                                                                        upcast=False))
+    assert_rule(
+        f"paged-{policy}", got, reference(case, policy, visual_self), reference(case, policy, visual_self, upcast=False)
+    )
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
@@ -76,8 +87,22 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="policy"):
         _run(case, "sparse")
     with pytest.raises(ValueError, match="slot_kinds"):
-        paged_attention_torch(case["q"], case["k_cache"], case["v_cache"], case["block_table"], case["seq_lens"],
-                              case["query_start_loc"], case["slot_kinds"].int())
+        paged_attention_torch(
+            case["q"],
+            case["k_cache"],
+            case["v_cache"],
+            case["block_table"],
+            case["seq_lens"],
+            case["query_start_loc"],
+            case["slot_kinds"].int(),
+        )
     with pytest.raises(ValueError, match="k_cache"):
-        paged_attention_torch(case["q"], case["k_cache"][..., :8], case["v_cache"], case["block_table"],
-                              case["seq_lens"], case["query_start_loc"], case["slot_kinds"])
+        paged_attention_torch(
+            case["q"],
+            case["k_cache"][..., :8],
+            case["v_cache"],
+            case["block_table"],
+            case["seq_lens"],
+            case["query_start_loc"],
+            case["slot_kinds"],
+        )

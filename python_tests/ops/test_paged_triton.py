@@ -3,6 +3,7 @@ contiguous copy: in Triton's interpreter on CPU, natively on a GPU (``cuda`` mar
 
 Also checks the block sparsity: the count of processed (query tile, cache block) pairs equals
 the count of pairs holding an allowed entry, derived from the reference mask."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,9 +19,17 @@ POLICIES = ("dense", "vskip", "frozen")
 
 
 def _run(case, policy, **kw):
-    return tp.paged_attention_triton(case["q"], case["k_cache"], case["v_cache"], case["block_table"],
-                                     case["seq_lens"], case["query_start_loc"], case["slot_kinds"], policy=policy,
-                                     **kw)
+    return tp.paged_attention_triton(
+        case["q"],
+        case["k_cache"],
+        case["v_cache"],
+        case["block_table"],
+        case["seq_lens"],
+        case["query_start_loc"],
+        case["slot_kinds"],
+        policy=policy,
+        **kw,
+    )
 
 
 def _to(case, device):
@@ -34,9 +43,9 @@ def _expected_tiles(case, policy, block_m, visual_self=True):
         n, L = q.shape[2], k.shape[2]
         allowed = allowed_mask(vis, None, n, policy, visual_self)[0]  # [n, L]
         for m0 in range(0, n, block_m):
-            rows = allowed[m0:m0 + block_m]
+            rows = allowed[m0 : m0 + block_m]
             for j in range(0, L, bs):
-                total += int(rows[:, j:j + bs].any())
+                total += int(rows[:, j : j + bs].any())
     return total * case["q"].shape[1]
 
 
@@ -73,8 +82,15 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="policy"):
         _run(case, "sparse")
     with pytest.raises(ValueError, match="dtype"):
-        tp.paged_attention_triton(case["q"].half(), case["k_cache"], case["v_cache"], case["block_table"],
-                                  case["seq_lens"], case["query_start_loc"], case["slot_kinds"])
+        tp.paged_attention_triton(
+            case["q"].half(),
+            case["k_cache"],
+            case["v_cache"],
+            case["block_table"],
+            case["seq_lens"],
+            case["query_start_loc"],
+            case["slot_kinds"],
+        )
 
 
 @pytest.mark.cuda

@@ -5,6 +5,7 @@ Non-finite inputs (documented in ops/pytorch/attention.py): NaN in q poisons onl
 NaN in k at key j poisons exactly the rows allowed to attend j (masked scores become -inf before
 they can spread); NaN in v at key j poisons at least the rows attending j.
 """
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,14 +30,21 @@ def layouts(draw, max_len=80):
         mask[b, :pad] = 0
         for _ in range(draw(st.integers(0, 4))):
             start = draw(st.integers(0, nk - 1))
-            vis[b, start: start + draw(st.integers(1, nk))] = True
+            vis[b, start : start + draw(st.integers(1, nk))] = True
     return vis, mask, nq
 
 
 @settings(max_examples=60, deadline=None)
-@given(layout=layouts(), policy=st.sampled_from(POLICIES), visual_self=st.booleans(),
-       gqa=st.sampled_from((1, 2, 4, 7)), hkv=st.integers(1, 2), head_dim=st.sampled_from((64, 80, 96, 128)),
-       dtype=st.sampled_from((torch.float32, torch.float16, torch.bfloat16)), seed=st.integers(0, 2**16))
+@given(
+    layout=layouts(),
+    policy=st.sampled_from(POLICIES),
+    visual_self=st.booleans(),
+    gqa=st.sampled_from((1, 2, 4, 7)),
+    hkv=st.integers(1, 2),
+    head_dim=st.sampled_from((64, 80, 96, 128)),
+    dtype=st.sampled_from((torch.float32, torch.float16, torch.bfloat16)),
+    seed=st.integers(0, 2**16),
+)
 def test_torch_backend_matches_reference(layout, policy, visual_self, gqa, hkv, head_dim, dtype, seed):
     vis, mask, nq = layout
     bsz, nk = vis.shape
@@ -50,12 +58,18 @@ def test_torch_backend_matches_reference(layout, policy, visual_self, gqa, hkv, 
 
 
 @settings(max_examples=60, deadline=None)
-@given(layout=layouts(max_len=200), policy=st.sampled_from(POLICIES), visual_self=st.booleans(),
-       block_m=st.sampled_from((16, 32, 64, 128)), block_n=st.sampled_from((16, 32, 64, 128)))
+@given(
+    layout=layouts(max_len=200),
+    policy=st.sampled_from(POLICIES),
+    visual_self=st.booleans(),
+    block_m=st.sampled_from((16, 32, 64, 128)),
+    block_n=st.sampled_from((16, 32, 64, 128)),
+)
 def test_schedule_live_tiles_match_mask(layout, policy, visual_self, block_m, block_n):
     vis, mask, nq = layout
-    s = plan_schedule(vis, mask, nq=nq, policy=policy, visual_self=visual_self, block_m=block_m,
-                      block_n=block_n, backend="torch")
+    s = plan_schedule(
+        vis, mask, nq=nq, policy=policy, visual_self=visual_self, block_m=block_m, block_n=block_n, backend="torch"
+    )
     allowed = allowed_mask(vis, mask, nq, policy, visual_self)
     live = live_tile_pairs(allowed, block_m, block_n)
     assert torch.equal(s.live_mask(), live)
@@ -76,8 +90,9 @@ def _case(policy="vskip"):
     q = torch.randn(2, 4, 40, 64, generator=g)
     k = torch.randn(2, 2, 40, 64, generator=g)
     v = torch.randn(2, 2, 40, 64, generator=g)
-    run = lambda q, k, v: modality_attention(q, k, v, vis, policy=policy, attention_mask=mask, return_lse=True,
-                                             backend="torch")
+    run = lambda q, k, v: modality_attention(
+        q, k, v, vis, policy=policy, attention_mask=mask, return_lse=True, backend="torch"
+    )
     return q, k, v, vis, mask, run
 
 

@@ -1,4 +1,5 @@
 """plan_schedule against the mask: exact live tiles, full tiles fully allowed, policy invariants, reuse."""
+
 import dataclasses
 
 import pytest
@@ -11,7 +12,7 @@ BLOCKS = ((16, 16), (32, 64), (64, 32), (64, 64), (128, 64))
 
 
 def spans(*parts):
-    return torch.cat([torch.full((n, ), kind == "v") for kind, n in parts])
+    return torch.cat([torch.full((n,), kind == "v") for kind, n in parts])
 
 
 def batch():
@@ -55,8 +56,7 @@ def check_lists(s):
 def test_live_and_full_tiles_match_the_mask(policy, blocks, nq, visual_self):
     vis, mask = batch()
     bm, bn = blocks
-    s = plan_schedule(vis, mask, nq=nq, policy=policy, visual_self=visual_self, block_m=bm, block_n=bn,
-                      backend="torch")
+    s = plan_schedule(vis, mask, nq=nq, policy=policy, visual_self=visual_self, block_m=bm, block_n=bn, backend="torch")
     allowed = allowed_mask(vis, mask, nq or vis.shape[1], policy, visual_self)
     assert torch.equal(s.live_mask(), live_tile_pairs(allowed, bm, bn))
     assert torch.equal(s.full_mask(), full_tiles_from_mask(allowed, bm, bn))
@@ -92,7 +92,7 @@ def test_vskip_visual_tiles_visit_text_tiles_and_diagonal(blocks):
     assert vis_only.any()
     for b, m in vis_only.nonzero().tolist():
         diag = torch.zeros(nt, dtype=torch.bool)
-        diag[m * bm // bn: -(-min((m + 1) * bm, nk) // bn)] = True
+        diag[m * bm // bn : -(-min((m + 1) * bm, nk) // bn)] = True
         assert not (live[b, m] & ~(key_has_text[b] | diag)).any()
     dense = plan_schedule(vis, mask, policy="dense", block_m=bm, block_n=bn, backend="torch")
     assert int(s.live_pairs()) <= int(dense.live_pairs())
@@ -148,14 +148,17 @@ def test_schedule_mismatch_errors():
         call(schedule={"policy": "vskip"})
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(nq=0), "nq must be in"),
-    (dict(nq=500), "nq must be in"),
-    (dict(block_m=48), "block_m must be a power of two"),
-    (dict(block_n=8), "block_n must be a power of two"),
-    (dict(policy="sparse"), "policy must be one of"),
-    (dict(backend="cuda"), "backend must be"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(nq=0), "nq must be in"),
+        (dict(nq=500), "nq must be in"),
+        (dict(block_m=48), "block_m must be a power of two"),
+        (dict(block_n=8), "block_n must be a power of two"),
+        (dict(policy="sparse"), "policy must be one of"),
+        (dict(backend="cuda"), "backend must be"),
+    ],
+)
 def test_plan_schedule_errors(kw, match):
     vis, mask = batch()
     with pytest.raises(ValueError, match=match):

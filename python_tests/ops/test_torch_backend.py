@@ -4,6 +4,7 @@ The backend has two paths: small problems run as one masked batch, larger ones b
 sets (text rows, vskip visual rows against text keys only, frozen rows skipped). Every
 test here runs on both (the ``path`` fixture), since these shapes are small enough for
 the batched path."""
+
 import itertools
 
 import pytest
@@ -43,7 +44,7 @@ def test_small_problems_take_the_batched_path(path, monkeypatch):
 
 def spans(*parts):
     """is_visual [N] from ("t", n) / ("v", n) runs."""
-    return torch.cat([torch.full((n, ), kind == "v") for kind, n in parts])
+    return torch.cat([torch.full((n,), kind == "v") for kind, n in parts])
 
 
 def layout(name):
@@ -73,19 +74,27 @@ def layout(name):
     raise KeyError(name)
 
 
-LAYOUTS = ("prefix_image_suffix", "interleaved", "image_first", "all_visual", "text_only", "left_padding",
-           "chunked", "decode")
+LAYOUTS = (
+    "prefix_image_suffix",
+    "interleaved",
+    "image_first",
+    "all_visual",
+    "text_only",
+    "left_padding",
+    "chunked",
+    "decode",
+)
 
 
 def check_against_reference(q, k, v, vis, mask, policy, visual_self):
     kw = dict(policy=policy, attention_mask=mask, visual_self=visual_self)
-    out, mass, lse = modality_attention(q, k, v, vis, return_visual_mass=True, return_lse=True, backend="torch",
-                                        **kw)
+    out, mass, lse = modality_attention(q, k, v, vis, return_visual_mass=True, return_lse=True, backend="torch", **kw)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert mass.dtype == lse.dtype == torch.float32 and mass.shape == lse.shape == q.shape[:3]
     assert not out.isnan().any() and not mass.isnan().any() and not lse.isnan().any()
-    assert_matches_reference((out, mass, lse), q, k, v, vis, mask, policy, visual_self,
-                             out_atol=1e-6 if q.dtype == torch.float32 else 1e-5)
+    assert_matches_reference(
+        (out, mass, lse), q, k, v, vis, mask, policy, visual_self, out_atol=1e-6 if q.dtype == torch.float32 else 1e-5
+    )
     # rows with no allowed key: exact zeros and -inf, never NaN
     empty = ~allowed_mask(vis, mask, q.shape[2], policy, visual_self).any(-1)[:, None].expand(mass.shape)
     assert (out[empty] == 0).all() and (mass[empty] == 0).all() and (lse[empty] == float("-inf")).all()
@@ -124,8 +133,9 @@ def test_head_dims_gqa(policy, head_dim, gqa):
 def test_fp32_matches_fp32_reference_tightly(policy):
     vis, mask, nq = layout("left_padding")
     q, k, v = make_qkv(2, 4, 2, nq, vis.shape[1], 64, torch.float32)
-    out, mass, lse = modality_attention(q, k, v, vis, policy=policy, attention_mask=mask, return_visual_mass=True,
-                                        return_lse=True, backend="torch")
+    out, mass, lse = modality_attention(
+        q, k, v, vis, policy=policy, attention_mask=mask, return_visual_mass=True, return_lse=True, backend="torch"
+    )
     r_out, r_mass, r_lse = attention_ref(q, k, v, vis, policy=policy, attention_mask=mask)
     torch.testing.assert_close(out, r_out, atol=2e-6, rtol=0)
     torch.testing.assert_close(mass, r_mass, atol=2e-6, rtol=0)
@@ -178,8 +188,9 @@ def test_frozen_visual_rows_are_never_computed():
     vis, _, n = layout("prefix_image_suffix")
     q, k, v = make_qkv(1, 2, 2, n, n, 64, torch.float32)
     q[:, :, vis[0]] = float("nan")
-    out, mass, lse = modality_attention(q, k, v, vis, policy="frozen", return_visual_mass=True, return_lse=True,
-                                        backend="torch")
+    out, mass, lse = modality_attention(
+        q, k, v, vis, policy="frozen", return_visual_mass=True, return_lse=True, backend="torch"
+    )
     assert (out[:, :, vis[0]] == 0).all() and (mass[:, :, vis[0]] == 0).all()
     assert (lse[:, :, vis[0]] == float("-inf")).all()
     assert torch.isfinite(out[:, :, ~vis[0]]).all()

@@ -6,6 +6,7 @@ flash-attn style grid (policy, dtype, head dim, GQA group, layout, visual_self) 
 covered; the layout x policy grid rotates the other axes instead of taking their
 full product, to stay within the CPU budget.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -46,10 +47,22 @@ def check_against_ref(q, k, v, vis, am, policy, visual_self, block=None, want_ma
     nq = q.shape[2]
     sched = None
     if block is not None:
-        sched = plan_schedule(vis, am, nq=nq, policy=policy, visual_self=visual_self, block_m=block[0],
-                              block_n=block[1])
-    res = modality_attention(q, k, v, vis, policy=policy, attention_mask=am, visual_self=visual_self,
-                             return_visual_mass=want_mass, return_lse=want_lse, schedule=sched, backend="triton")
+        sched = plan_schedule(
+            vis, am, nq=nq, policy=policy, visual_self=visual_self, block_m=block[0], block_n=block[1]
+        )
+    res = modality_attention(
+        q,
+        k,
+        v,
+        vis,
+        policy=policy,
+        attention_mask=am,
+        visual_self=visual_self,
+        return_visual_mass=want_mass,
+        return_lse=want_lse,
+        schedule=sched,
+        backend="triton",
+    )
     out, rest = res[0], list(res[1:])
     mass = rest.pop(0) if want_mass else None
     lse = rest.pop(0) if want_lse else None
@@ -79,8 +92,17 @@ def _case(policy, layout, d, dtype, group, visual_self, block, seed=0):
 
 _GRID = []
 for _i, (_pol, _lay) in enumerate((p, lay) for p in ("dense", "vskip", "frozen") for lay in LAYOUTS):
-    _GRID.append((_pol, _lay, DTYPES[_i % 2], (64, 80, 128)[_i % 3], (1, 2, 4)[(_i // 2) % 3],
-                  _pol != "vskip" or _i % 2 == 0, BLOCKS[_i % 3]))
+    _GRID.append(
+        (
+            _pol,
+            _lay,
+            DTYPES[_i % 2],
+            (64, 80, 128)[_i % 3],
+            (1, 2, 4)[(_i // 2) % 3],
+            _pol != "vskip" or _i % 2 == 0,
+            BLOCKS[_i % 3],
+        )
+    )
 
 
 @pytest.mark.parametrize("policy,layout,dtype,d,group,visual_self,block", _GRID)
@@ -155,12 +177,15 @@ def test_no_statistics_direct():
 # --------------------------------------------------------------------------- block sparsity
 
 
-@pytest.mark.parametrize("policy,visual_self,layout,block", [
-    ("dense", True, "left_pad", (32, 16)),
-    ("vskip", True, "two_images", (16, 32)),
-    ("vskip", False, "chunked", (16, 16)),
-    ("frozen", True, "left_pad", (16, 32)),
-])
+@pytest.mark.parametrize(
+    "policy,visual_self,layout,block",
+    [
+        ("dense", True, "left_pad", (32, 16)),
+        ("vskip", True, "two_images", (16, 32)),
+        ("vskip", False, "chunked", (16, 16)),
+        ("frozen", True, "left_pad", (16, 32)),
+    ],
+)
 def test_tile_count_matches_live_pairs(policy, visual_self, layout, block):
     vis, am, nq = make_layout(layout)
     b, nk = vis.shape
@@ -168,8 +193,18 @@ def test_tile_count_matches_live_pairs(policy, visual_self, layout, block):
     sched = plan_schedule(vis, am, nq=nq, policy=policy, visual_self=visual_self, block_m=block[0], block_n=block[1])
     with ta.count_tiles() as counter:
         assert ta.active_counter() is counter.tensor
-        modality_attention(q, k, v, vis, policy=policy, attention_mask=am, visual_self=visual_self,
-                           return_lse=True, schedule=sched, backend="triton")
+        modality_attention(
+            q,
+            k,
+            v,
+            vis,
+            policy=policy,
+            attention_mask=am,
+            visual_self=visual_self,
+            return_lse=True,
+            schedule=sched,
+            backend="triton",
+        )
     assert ta.active_counter() is None
     live = live_tile_pairs(allowed_mask(vis, am, nq, policy, visual_self), *block)
     assert counter.value == 2 * int(live.sum())

@@ -6,6 +6,7 @@ Runs in Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1). Caches o
 layout x policy x Nq grid rotates dtype, head dim and GQA group instead of taking
 their full product, to stay within the CPU budget.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -57,8 +58,9 @@ def test_public_decode_matches_reference(layout, policy, nq, dtype, d, heads):
     vis, am = make_layout(layout)
     q, k, v = make_qkv(vis.shape[0], heads[0], heads[1], nq, vis.shape[1], d, dtype)
     assert td.use_decode_path(q, k)
-    res = modality_attention(q, k, v, vis, policy=policy, attention_mask=am, return_visual_mass=True,
-                             return_lse=True, backend="triton")
+    res = modality_attention(
+        q, k, v, vis, policy=policy, attention_mask=am, return_visual_mass=True, return_lse=True, backend="triton"
+    )
     assert_matches_reference(res, q, k, v, vis, am, policy, True)
 
 
@@ -66,8 +68,18 @@ def test_public_decode_matches_reference(layout, policy, nq, dtype, d, heads):
 def test_vskip_without_self(layout):
     vis, am = make_layout(layout)
     q, k, v = make_qkv(vis.shape[0], 4, 1, 2, vis.shape[1], 64, torch.float16, seed=1)
-    res = modality_attention(q, k, v, vis, policy="vskip", visual_self=False, attention_mask=am,
-                             return_visual_mass=True, return_lse=True, backend="triton")
+    res = modality_attention(
+        q,
+        k,
+        v,
+        vis,
+        policy="vskip",
+        visual_self=False,
+        attention_mask=am,
+        return_visual_mass=True,
+        return_lse=True,
+        backend="triton",
+    )
     assert_matches_reference(res, q, k, v, vis, am, "vskip", False)
 
 
@@ -75,8 +87,9 @@ def test_vskip_without_self(layout):
 def test_rows_without_keys_are_exact_zero(policy, visual_self):
     vis, am = make_layout("visual_only")
     q, k, v = make_qkv(1, 4, 2, 3, vis.shape[1], 64, torch.bfloat16, seed=2)
-    out, mass, lse = modality_attention(q, k, v, vis, policy=policy, visual_self=visual_self,
-                                        return_visual_mass=True, return_lse=True, backend="triton")
+    out, mass, lse = modality_attention(
+        q, k, v, vis, policy=policy, visual_self=visual_self, return_visual_mass=True, return_lse=True, backend="triton"
+    )
     ref = assert_matches_reference((out, mass, lse), q, k, v, vis, am, policy, visual_self)
     if policy == "dense":
         assert torch.isfinite(lse).all() and torch.equal(mass, torch.ones_like(mass))
@@ -120,7 +133,7 @@ def test_decode_forward_many_splits_and_tile_count(seven_splits, policy, visual_
     q, k, v = make_qkv(2, heads[0], heads[1], nq, nk, d, dtype, seed=4)
     sched = plan_schedule(vis, am, nq=nq, policy=policy, visual_self=visual_self, block_m=16, block_n=16)
     with ta.count_tiles() as counter:
-        res = td.decode_forward(q, k, v, sched, d ** -0.5, True, True)
+        res = td.decode_forward(q, k, v, sched, d**-0.5, True, True)
     assert_matches_reference(res, q, k, v, vis, am, policy, visual_self)
     allowed = allowed_mask(vis, am, nq, policy, visual_self)
     live = live_tile_pairs(allowed, 16, 16)
@@ -200,8 +213,17 @@ class TestCuda:
         vis, am = (t.cuda() for t in build_layout(nk, image, image, pad=(0, 700)))
         for nq, heads in ((1, (28, 4)), (4, (8, 8)), (16, (32, 8))):
             q, k, v = (t.cuda() for t in make_qkv(2, heads[0], heads[1], nq, nk, d, dtype, seed=nq))
-            res = modality_attention(q, k, v, vis, policy=policy, attention_mask=am, return_visual_mass=True,
-                                     return_lse=True, backend="triton")
+            res = modality_attention(
+                q,
+                k,
+                v,
+                vis,
+                policy=policy,
+                attention_mask=am,
+                return_visual_mass=True,
+                return_lse=True,
+                backend="triton",
+            )
             assert_matches_reference(res, q, k, v, vis, am, policy, True)
 
     def test_newest_token_of_32k_cache_counts_tiles(self):
@@ -211,6 +233,6 @@ class TestCuda:
         sched = plan_schedule(vis, nq=1, policy="vskip", block_m=64, block_n=64)
         assert td.num_splits(4, sched.num_n_tiles, q.device) > 1
         with ta.count_tiles() as counter:
-            res = td.decode_forward(q, k, v, sched, 128 ** -0.5, True, True)
+            res = td.decode_forward(q, k, v, sched, 128**-0.5, True, True)
         assert_matches_reference(res, q, k, v, vis, None, "vskip", True)
         assert counter.value == int(sched.live_pairs()) * 28

@@ -5,6 +5,7 @@ here and reference.visual_mass_ref.
 Small shapes keep the interpreter within budget; the policy x layout grid rotates
 dtype, head dim and GQA group instead of taking their full product.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -83,8 +84,9 @@ def test_matches_eager_and_reference(backend, layout, policy, dtype, d, heads):
     torch.testing.assert_close(eager32, ref32, atol=ATOL, rtol=0)
     assert_rule("visual_mass", got, eager32, eager_mass(q, k, vis, am, policy, True, scale, dtype))
 
-    newest = visual_attention_mass(q, k, vis, policy=policy, attention_mask=am, softmax_scale=scale,
-                                   query_positions=[-1], backend=backend)
+    newest = visual_attention_mass(
+        q, k, vis, policy=policy, attention_mask=am, softmax_scale=scale, query_positions=[-1], backend=backend
+    )
     torch.testing.assert_close(newest, got[..., -1:], atol=ATOL, rtol=0)
 
 
@@ -143,32 +145,36 @@ def _expected_tiles(vis, am, nq, idx, policy, visual_self, hq, hkv, dtype, d):
     return int(live.sum()) * hkv, live.numel() * hkv
 
 
-@pytest.mark.parametrize("layout,policy,visual_self,nq,sel", [
-    ("long_cache", "vskip", True, 1, [0]),
-    ("interleaved", "vskip", False, 112, list(range(112))),
-    ("left_pad", "frozen", True, 96, list(range(0, 40, 5))),
-    ("image_then_text", "dense", True, 96, [3, 60, 61, -90]),
-], ids=lambda v: f"sel{len(v)}" if isinstance(v, list) else None)  # sel: the number of query positions
+@pytest.mark.parametrize(
+    "layout,policy,visual_self,nq,sel",
+    [
+        ("long_cache", "vskip", True, 1, [0]),
+        ("interleaved", "vskip", False, 112, list(range(112))),
+        ("left_pad", "frozen", True, 96, list(range(0, 40, 5))),
+        ("image_then_text", "dense", True, 96, [3, 60, 61, -90]),
+    ],
+    ids=lambda v: f"sel{len(v)}" if isinstance(v, list) else None,
+)  # sel: the number of query positions
 def test_triton_skips_dead_key_blocks(layout, policy, visual_self, nq, sel):
     vis, am = make_layout(layout)
     nk = vis.shape[1]
     q, k = make_qk(vis.shape[0], 4, 2, nq, nk, 64, torch.float16, seed=4)
     with ta.count_tiles() as counter:
-        got = visual_attention_mass(q, k, vis, policy=policy, visual_self=visual_self, attention_mask=am,
-                                    query_positions=sel, backend="triton")
-    ref = visual_mass_ref(q, k, vis, policy=policy, visual_self=visual_self, attention_mask=am,
-                          query_positions=sel)
+        got = visual_attention_mass(
+            q, k, vis, policy=policy, visual_self=visual_self, attention_mask=am, query_positions=sel, backend="triton"
+        )
+    ref = visual_mass_ref(q, k, vis, policy=policy, visual_self=visual_self, attention_mask=am, query_positions=sel)
     reflp = eager_mass(q, k, vis, am, policy, visual_self, 0.125, torch.float16)[..., sel]
     assert_rule("visual_mass", got, ref, reflp)
-    expect, total = _expected_tiles(vis, am, nq, [s % nq for s in sel], policy, visual_self, 4, 2,
-                                    torch.float16, 64)
+    expect, total = _expected_tiles(vis, am, nq, [s % nq for s in sel], policy, visual_self, 4, 2, torch.float16, 64)
     assert counter.value == expect
     assert expect < total  # the layouts have dead key blocks
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("policy,layout,nq", [("vskip", "left_pad", 96), ("dense", "long_cache", 3),
-                                              ("vskip", "long_cache", 2)])
+@pytest.mark.parametrize(
+    "policy,layout,nq", [("vskip", "left_pad", 96), ("dense", "long_cache", 3), ("vskip", "long_cache", 2)]
+)
 def test_attention_mass_output_agrees(backend, nq, policy, layout):
     """modality_attention(..., return_visual_mass=True) (prefill and decode paths) gives
     the same visual mass as visual_attention_mass."""
@@ -176,8 +182,9 @@ def test_attention_mass_output_agrees(backend, nq, policy, layout):
     nk = vis.shape[1]
     q, k = make_qk(vis.shape[0], 4, 2, nq, nk, 64, torch.float16, seed=5)
     v = torch.randn_like(k)
-    _, from_attn = modality_attention(q, k, v, vis, policy=policy, attention_mask=am, return_visual_mass=True,
-                                      backend=backend)
+    _, from_attn = modality_attention(
+        q, k, v, vis, policy=policy, attention_mask=am, return_visual_mass=True, backend=backend
+    )
     direct = visual_attention_mass(q, k, vis, policy=policy, attention_mask=am, backend=backend)
     ref32 = visual_mass_ref(q, k, vis, policy=policy, attention_mask=am)
     reflp = eager_mass(q, k, vis, am, policy, True, 0.125, torch.float16)
@@ -197,10 +204,11 @@ class TestCuda:
         vis, am = (t.cuda() for t in build_layout(nk, image, image, pad=(0, 900)))
         q, k = (t.cuda() for t in make_qk(2, 28, 4, 4, nk, d, dtype))
         with ta.count_tiles() as counter:
-            got = visual_attention_mass(q, k, vis, policy=policy, attention_mask=am, query_positions=[-1],
-                                        backend="triton")
+            got = visual_attention_mass(
+                q, k, vis, policy=policy, attention_mask=am, query_positions=[-1], backend="triton"
+            )
         ref = visual_mass_ref(q, k, vis, policy=policy, attention_mask=am, query_positions=[-1])
-        reflp = eager_mass(q, k, vis, am, policy, True, d ** -0.5, dtype)[..., -1:]
+        reflp = eager_mass(q, k, vis, am, policy, True, d**-0.5, dtype)[..., -1:]
         assert_rule("visual_mass", got, ref, reflp)
         expect, _ = _expected_tiles(vis, am, 4, [3], policy, True, 28, 4, dtype, d)
         assert counter.value == expect
@@ -210,4 +218,4 @@ class TestCuda:
         q, k = (t.cuda() for t in make_qk(2, 8, 2, 96, 96, 128, torch.float16))
         got = visual_attention_mass(q, k, vis, policy="vskip", attention_mask=am, backend="triton")
         ref = visual_mass_ref(q, k, vis, policy="vskip", attention_mask=am)
-        assert_rule("visual_mass", got, ref, eager_mass(q, k, vis, am, "vskip", True, 128 ** -0.5, torch.float16))
+        assert_rule("visual_mass", got, ref, eager_mass(q, k, vis, am, "vskip", True, 128**-0.5, torch.float16))

@@ -1,4 +1,5 @@
 """The shipped tiny VLM: loads, reaches its reported accuracy, and needs the image to do so."""
+
 import json
 import os
 
@@ -27,8 +28,22 @@ def record():
 def test_tokenizer_words_and_characters():
     tok = build_processor().tokenizer
     ids = tok("what colour is the circle?\ncircle</s>")["input_ids"]
-    assert tok.convert_ids_to_tokens(ids) == ["what", " colour", " is", " the", " circle", "?", "\n",
-                                              "c", "i", "r", "c", "l", "e", "</s>"]
+    assert tok.convert_ids_to_tokens(ids) == [
+        "what",
+        " colour",
+        " is",
+        " the",
+        " circle",
+        "?",
+        "\n",
+        "c",
+        "i",
+        "r",
+        "c",
+        "l",
+        "e",
+        "</s>",
+    ]
 
 
 def test_training_labels_cover_answer_and_eos_only():
@@ -38,7 +53,7 @@ def test_training_labels_cover_answer_and_eos_only():
     for row, lab, s in zip(enc["input_ids"], enc["labels"], batch):
         kept = lab[lab != -100]
         assert proc.tokenizer.convert_ids_to_tokens(kept.tolist()) == list(s.answer) + ["</s>"]
-        assert torch.equal(row[-len(kept):], kept)
+        assert torch.equal(row[-len(kept) :], kept)
     prompt = encode_prompts(proc, batch)
     assert int((prompt["input_ids"][0] == 4).sum()) == 64  # 64 visual tokens per image
 
@@ -48,7 +63,7 @@ def test_shipped_model_shape(shipped):
     assert model.config.text_config.num_hidden_layers == 12
     assert model.config.image_token_id == 4
     size = sum(os.path.getsize(os.path.join(WEIGHTS_DIR, f)) for f in os.listdir(WEIGHTS_DIR))
-    assert size < 10 * 2 ** 20  # a few MB shipped in the package
+    assert size < 10 * 2**20  # a few MB shipped in the package
 
 
 def test_shipped_model_reaches_reported_accuracy(shipped, record):
@@ -75,11 +90,12 @@ def test_answers_need_the_image(shipped):
 
     right = 0
     for i in range(0, len(data), 50):
-        inputs = prepare_inputs(encode(proc, [s.question for s in data[i:i + 50]],
-                                       [[im] for im in shifted[i:i + 50]]), model)
+        inputs = prepare_inputs(
+            encode(proc, [s.question for s in data[i : i + 50]], [[im] for im in shifted[i : i + 50]]), model
+        )
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
-        for s, g in zip(data[i:i + 50], out[:, inputs["input_ids"].shape[1]:]):
+        for s, g in zip(data[i : i + 50], out[:, inputs["input_ids"].shape[1] :]):
             right += decode_answer(proc.tokenizer, g) == s.answer
     chance = chance_accuracy(s.qtype for s in data)
     assert right / len(data) < chance + 0.1, (right / len(data), chance)
@@ -105,8 +121,18 @@ def test_teacher_forced_equals_greedy(shipped):
 def test_train_writes_a_loadable_model(tmp_path):
     from vskip_kernels.tinyvlm.train import train
 
-    rec = train(seed=1, steps=2, batch=4, warmup=1, threads=1, out=str(tmp_path), eval_every=0, log=lambda s: None,
-                eval_samples=8, arch={"layers": 2})
+    rec = train(
+        seed=1,
+        steps=2,
+        batch=4,
+        warmup=1,
+        threads=1,
+        out=str(tmp_path),
+        eval_every=0,
+        log=lambda s: None,
+        eval_samples=8,
+        arch={"layers": 2},
+    )
     assert rec["steps"] == 2 and 0.0 <= rec["eval_accuracy"] <= 1.0
     model, proc = load_pretrained(str(tmp_path))
     assert model.config.text_config.num_hidden_layers == 2
@@ -144,8 +170,8 @@ def test_dialogue_rows_put_the_evaluation_prompt_first():
     for i, s in enumerate(batch):
         row = enc["input_ids"][i][enc["attention_mask"][i].bool()]
         first = one["input_ids"][i][one["attention_mask"][i].bool()]
-        assert torch.equal(row[:len(first)], first)
-        text = "".join(tok.convert_ids_to_tokens(row[len(first):].tolist()))
+        assert torch.equal(row[: len(first)], first)
+        text = "".join(tok.convert_ids_to_tokens(row[len(first) :].tolist()))
         turns = [t for t in text.split("</s>") if t]
         truth = {q: a for q, a, _ in scene_questions(s.shapes)}
         assert len(turns) == min(3, len(truth) - 1)

@@ -1,4 +1,5 @@
 """``vskip demo --plot``: the figure is written from a demo result (no model run needed)."""
+
 import pytest
 
 from vskip_kernels.demo import BASELINES, MODES

@@ -1,4 +1,5 @@
 """The synthetic task: deterministic, balanced, answers consistent with the scene."""
+
 from collections import Counter
 
 import numpy as np
@@ -24,7 +25,7 @@ def _truth(s):
         words = q.rstrip("?").split()
         a, b = words[2], words[-1]
         return "yes" if kinds[a].col < kinds[b].col else "no"
-    where = q[len("what is at the "):-1]
+    where = q[len("what is at the ") : -1]
     qr, qc = QUADRANTS[where]
     inside = [sh for sh in s.shapes if (sh.row // (GRID // 2), sh.col // (GRID // 2)) == (qr, qc)]
     assert len(inside) == 1
@@ -97,8 +98,16 @@ def test_scene_questions_follow_from_the_scene():
 
 def test_scene_questions_are_complete():
     """A question the templates can ask with one answer is always offered: count every candidate."""
-    s = task.Sample((task.Shape("circle", "red", "large", 0, 0), task.Shape("circle", "blue", "small", 0, 3),
-                     task.Shape("cross", "green", "small", 3, 1)), "", "", "count")
+    s = task.Sample(
+        (
+            task.Shape("circle", "red", "large", 0, 0),
+            task.Shape("circle", "blue", "small", 0, 3),
+            task.Shape("cross", "green", "small", 3, 1),
+        ),
+        "",
+        "",
+        "count",
+    )
     qs = {q: a for q, a, _ in task.scene_questions(s.shapes)}
     assert qs["how many circles?"] == "two" and qs["how many squares?"] == "zero"
     assert "what colour is the circle?" not in qs  # two circles: no single answer

@@ -3,6 +3,7 @@ an image processor, so vLLM and transformers load the very same files (no downlo
 
 Head dim 32 and fp32: vLLM's CPU attention needs head dims that are multiples of 32.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,15 @@ LAYERS = 4
 
 
 def _word(i: int) -> str:
-    special = {hm.PAD_ID: "<pad>", 1: "<s>", 2: "</s>", hm.IMAGE_ID: "<image>", hm.VIDEO_ID: "<video>",
-               hm.VISION_START_ID: "<vs>", hm.VISION_END_ID: "<ve>"}
+    special = {
+        hm.PAD_ID: "<pad>",
+        1: "<s>",
+        2: "</s>",
+        hm.IMAGE_ID: "<image>",
+        hm.VIDEO_ID: "<video>",
+        hm.VISION_START_ID: "<vs>",
+        hm.VISION_END_ID: "<ve>",
+    }
     return special.get(i, f"w{i}")
 
 
@@ -35,8 +43,9 @@ def _tokenizer(renames: dict[str, str] | None = None):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     specials = [w for w in vocab if w.startswith("<")]
     tok.add_special_tokens([AddedToken(w, special=True, normalized=False) for w in specials])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
+    )
 
 
 def _nest_clip_keys(path: str) -> None:
@@ -50,7 +59,7 @@ def _nest_clip_keys(path: str) -> None:
         if ".vision_tower." in k and ".vision_tower.vision_model." not in k:
             k = k.replace(".vision_tower.", ".vision_tower.vision_model.", 1)
         elif k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
-            k = "vision_tower.vision_model." + k[len("vision_tower."):]
+            k = "vision_tower.vision_model." + k[len("vision_tower.") :]
         out[k] = v
     save_file(out, f, metadata={"format": "pt"})
 
@@ -71,10 +80,17 @@ def build_llava(path: str, seed: int = 0, layers: int = LAYERS) -> str:
 
     _save_model(path, hm.tiny_llava, seed, layers, clip_tower=True)
     tok = _tokenizer()
-    ip = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}, do_center_crop=True,
-                            do_convert_rgb=True)
-    LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
-                   image_token="<image>", num_additional_image_tokens=1).save_pretrained(path)
+    ip = CLIPImageProcessor(
+        size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}, do_center_crop=True, do_convert_rgb=True
+    )
+    LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    ).save_pretrained(path)
     return path
 
 
@@ -84,10 +100,20 @@ def build_llava_next(path: str, seed: int = 0, layers: int = LAYERS) -> str:
 
     model = _save_model(path, hm.tiny_llava_next, seed, layers, clip_tower=True)
     tok = _tokenizer()
-    ip = LlavaNextImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8},
-                                 image_grid_pinpoints=model.config.image_grid_pinpoints, do_center_crop=True)
-    LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
-                       image_token="<image>", num_additional_image_tokens=1).save_pretrained(path)
+    ip = LlavaNextImageProcessor(
+        size={"shortest_edge": 8},
+        crop_size={"height": 8, "width": 8},
+        image_grid_pinpoints=model.config.image_grid_pinpoints,
+        do_center_crop=True,
+    )
+    LlavaNextProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    ).save_pretrained(path)
     return path
 
 
@@ -95,8 +121,9 @@ def _build_qwen(path: str, factory, processor_cls, seed: int, layers: int) -> st
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     _save_model(path, factory, seed, layers, clip_tower=False)
-    tok = _tokenizer({"<image>": "<|image_pad|>", "<video>": "<|video_pad|>", "<vs>": "<|vision_start|>",
-                      "<ve>": "<|vision_end|>"})
+    tok = _tokenizer(
+        {"<image>": "<|image_pad|>", "<video>": "<|video_pad|>", "<vs>": "<|vision_start|>", "<ve>": "<|vision_end|>"}
+    )
     ip = Qwen2VLImageProcessor(patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 4)
     vp = Qwen2VLVideoProcessor(patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 4)
     processor_cls(image_processor=ip, tokenizer=tok, video_processor=vp).save_pretrained(path)

@@ -1,5 +1,6 @@
 """Shared pieces of the vLLM tests: tiny checkpoints built once per session, engines, prompts,
 and the transformers reference (``apply_skip_plan`` + greedy ``generate``)."""
+
 from __future__ import annotations
 
 import copy
@@ -18,10 +19,18 @@ BLOCK = 32
 MAX_LEN = 512
 _QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_TEXT = {"llava": "<image>", "llava_next": "<image>", "qwen2_vl": _QWEN_IMAGE, "qwen2_5_vl": _QWEN_IMAGE}
-BUILDERS = {"llava": ck.build_llava, "llava_next": ck.build_llava_next, "qwen2_vl": ck.build_qwen2_vl,
-            "qwen2_5_vl": ck.build_qwen2_5_vl}
-ARCH = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-        "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+BUILDERS = {
+    "llava": ck.build_llava,
+    "llava_next": ck.build_llava_next,
+    "qwen2_vl": ck.build_qwen2_vl,
+    "qwen2_5_vl": ck.build_qwen2_5_vl,
+}
+ARCH = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
 
 # Plans over the 4 decoder layers: every policy, and decode bypass on top of vskip/frozen layers.
 PLAN_A = dict(vskip_layers=[0, 3], frozen_layers=[1], decode_bypass_layers=[1, 2])
@@ -67,8 +76,16 @@ def vllm_inputs(items):
 def make_llm(path: str, plan_path: str | None = None, **kw):
     from vllm import LLM
 
-    args = dict(model=path, dtype="float32", block_size=BLOCK, max_model_len=MAX_LEN, seed=0,
-                limit_mm_per_prompt={"image": 2}, enforce_eager=True, gpu_memory_utilization=0.5)
+    args = dict(
+        model=path,
+        dtype="float32",
+        block_size=BLOCK,
+        max_model_len=MAX_LEN,
+        seed=0,
+        limit_mm_per_prompt={"image": 2},
+        enforce_eager=True,
+        gpu_memory_utilization=0.5,
+    )
     args.update(kw)
     if plan_path is not None:
         args["additional_config"] = {"vskip_plan": plan_path}
@@ -102,6 +119,7 @@ def generate_ids(llm, prompt_ids: list[list[int]], n: int = 8):
 
 def plan_state(llm):
     """The worker's vskip ModelState summary: (impl class of layer 0, step counts or None)."""
+
     def probe(worker):
         runner = worker.model_runner
         model = runner.get_model()
@@ -133,14 +151,16 @@ class HFReference:
             if items is not None:
                 encoded = [self.encode(t, im) for t, im in items]
             else:
-                encoded = [{"input_ids": torch.tensor([p]), "attention_mask": torch.ones(1, len(p), dtype=torch.long)}
-                           for p in prompt_ids]
+                encoded = [
+                    {"input_ids": torch.tensor([p]), "attention_mask": torch.ones(1, len(p), dtype=torch.long)}
+                    for p in prompt_ids
+                ]
             for inp in encoded:
                 cfg = copy.deepcopy(self.model.generation_config)
                 cfg.eos_token_id, cfg.pad_token_id, cfg.do_sample, cfg.max_new_tokens = None, 0, False, n
                 with torch.no_grad():
                     out = self.model.generate(**inp, generation_config=cfg)
-                new = out[0, inp["input_ids"].shape[1]:].tolist()
+                new = out[0, inp["input_ids"].shape[1] :].tolist()
                 assert len(new) == n, f"transformers stopped after {len(new)} of {n} tokens"
                 res.append(new)
             return res

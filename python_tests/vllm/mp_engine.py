@@ -2,6 +2,7 @@
 the greedy tokens of some prompts and the prefix-cache hits of a multi-turn prompt.
 
 Used by test_vllm_plugin.py through a subprocess: python mp_engine.py CHECKPOINT PLAN OUT_JSON."""
+
 import json
 import os
 import sys

@@ -1,4 +1,5 @@
 """Plugin registration, start-up validation of the plan, and "no plan == no plugin"."""
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,9 @@ def test_bad_plans_fail_at_start_up(llava, tmp_path):
     broken.write_text("{not json")
     _bad(llava, str(broken), "not valid JSON")
     _bad(llava, {"format": "vskip-plan/1", "num_layers": 4, "frozen_layers": [9]}, "layer 9, out of range")
-    _bad(llava, {"format": "vskip-plan/1", "num_layers": 4, "decode_bypass_layers": [0, 1, 2, 3]},
-         "every decoder layer")
+    _bad(
+        llava, {"format": "vskip-plan/1", "num_layers": 4, "decode_bypass_layers": [0, 1, 2, 3]}, "every decoder layer"
+    )
     _bad(llava, 42, "must be a path to a plan JSON file or a plan dict")
     with pytest.raises(PlanError, match="unknown vskip option"):
         H.make_llm(llava, None, additional_config={"vskip_plam": "plan.json"})
@@ -96,8 +98,9 @@ def test_engine_core_in_its_own_process(llava, tmp_path):
     out = tmp_path / "mp.json"
     script = os.path.join(os.path.dirname(os.path.abspath(H.__file__)), "mp_engine.py")
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    res = subprocess.run([sys.executable, script, llava, plan, str(out)], env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [sys.executable, script, llava, plan, str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     got = json.loads(out.read_text())
     hf = H.HFReference(llava)

@@ -3,6 +3,7 @@
 prompts of different lengths with 0-2 images; chunked prefill; prefix caching (a cached
 prefix, a one-token prefill after a hit, a multi-turn prompt that repeats an answer); and a
 64-request load test. Engines are shared per module (one start is seconds on 2 cores)."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,9 +21,15 @@ class Family:
         self.fam = fam
         self.path = H.BUILDERS[fam](str(root / fam))
         self.hf = H.HFReference(self.path)
-        self.plans = {name: H.plan_file(root, f"{fam}-{name}", fam, **layers)
-                      for name, layers in (("A", H.PLAN_A), ("B", H.PLAN_B), ("C", H.PLAN_C),
-                                             ("V", {"vskip_layers": [0, 1, 2, 3]}))}
+        self.plans = {
+            name: H.plan_file(root, f"{fam}-{name}", fam, **layers)
+            for name, layers in (
+                ("A", H.PLAN_A),
+                ("B", H.PLAN_B),
+                ("C", H.PLAN_C),
+                ("V", {"vskip_layers": [0, 1, 2, 3]}),
+            )
+        }
         self.engines = {}
 
     def engine(self, key, plan, **kw):
@@ -57,8 +64,9 @@ def _check_against_hf(f, llm, plan, items, n=N_NEW):
     return ref
 
 
-@pytest.mark.parametrize("fam,plan", [("llava", "A"), ("llava", "B"), ("llava_next", "C"), ("qwen2_vl", "A"),
-                                      ("qwen2_5_vl", "B")])
+@pytest.mark.parametrize(
+    "fam,plan", [("llava", "A"), ("llava", "B"), ("llava_next", "C"), ("qwen2_vl", "A"), ("qwen2_5_vl", "B")]
+)
 def test_plan_tokens_equal_transformers(families, fam, plan):
     f = families(fam)
     llm = f.engine(plan, plan)

@@ -6,6 +6,7 @@ ratios of those measurements. The schedule is planned once outside the timed
 region, as a model does once per forward for all its layers; its planning time
 is reported separately (``plan_ms``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,10 @@ def block_sizes(q: torch.Tensor, use_triton: bool, smoke: bool) -> tuple[int, in
 def triton_usable(device: torch.device) -> tuple[bool, str | None]:
     if device.type == "cuda":
         return True, None
-    return False, ("the triton backend runs on CPU only inside Triton's interpreter, which measures the "
-                   "interpreter, not the kernel; CPU runs time the torch backend instead")
+    return False, (
+        "the triton backend runs on CPU only inside Triton's interpreter, which measures the "
+        "interpreter, not the kernel; CPU runs time the torch backend instead"
+    )
 
 
 def ours(backend):
@@ -69,19 +72,26 @@ def run_shape(shape: cases.AttnShape, args, device, dtype):
     out_cases = []
     for policy in POLICIES:
         sched = vk.plan_schedule(is_visual, nq=nq, policy=policy, block_m=bm, block_n=bn)
-        plan_t = time_fn(lambda: vk.plan_schedule(is_visual, nq=nq, policy=policy, block_m=bm, block_n=bn),
-                         device, warmup=1, repeats=max(3, args.repeats // 2))
+        plan_t = time_fn(
+            lambda: vk.plan_schedule(is_visual, nq=nq, policy=policy, block_m=bm, block_n=bn),
+            device,
+            warmup=1,
+            repeats=max(3, args.repeats // 2),
+        )
         live = int(sched.live_pairs())
         entries = allowed_entries(kind, nq, policy)
-        kw = dict(flops=attention_flops(entries, shape.heads_q, shape.head_dim),
-                  dense_flops=attention_flops(dense_entries, shape.heads_q, shape.head_dim))
+        kw = dict(
+            flops=attention_flops(entries, shape.heads_q, shape.head_dim),
+            dense_flops=attention_flops(dense_entries, shape.heads_q, shape.head_dim),
+        )
         results: list[dict] = []
         skipped: list[dict] = []
         ctx: dict = dict(skipped=skipped, results=results, **kw)
 
         def ours_fn(backend, s=sched):
-            return lambda: vk.modality_attention(q, k, v, is_visual, policy=policy, backend=backend,
-                                                 schedule=s if backend == "triton" else None)
+            return lambda: vk.modality_attention(
+                q, k, v, is_visual, policy=policy, backend=backend, schedule=s if backend == "triton" else None
+            )
 
         if use_triton:
             measure(OURS_TRITON, lambda: ours_fn("triton"), device, args, **ctx)
@@ -113,22 +123,24 @@ def run_shape(shape: cases.AttnShape, args, device, dtype):
         mask_cache.clear()
         free_memory(device)
         fill_speedups(results)
-        out_cases.append({
-            "case": f"{shape.name}/{policy}",
-            "shape": shape.name,
-            "policy": policy,
-            "dtype": str(dtype).replace("torch.", ""),
-            "block_m": bm,
-            "block_n": bn,
-            "allowed_entries": entries,
-            "dense_entries": dense_entries,
-            "live_tiles": live,
-            "causal_tiles": causal_tiles,
-            "live_tile_fraction": live / causal_tiles if causal_tiles else None,
-            "plan_ms": plan_t.ms_median,
-            "results": results,
-            "skipped": skipped,
-        })
+        out_cases.append(
+            {
+                "case": f"{shape.name}/{policy}",
+                "shape": shape.name,
+                "policy": policy,
+                "dtype": str(dtype).replace("torch.", ""),
+                "block_m": bm,
+                "block_n": bn,
+                "allowed_entries": entries,
+                "dense_entries": dense_entries,
+                "live_tiles": live,
+                "causal_tiles": causal_tiles,
+                "live_tile_fraction": live / causal_tiles if causal_tiles else None,
+                "plan_ms": plan_t.ms_median,
+                "results": results,
+                "skipped": skipped,
+            }
+        )
     return out_cases
 
 
@@ -145,8 +157,17 @@ def shape_checks(shape: cases.AttnShape, shape_cases: list[dict]) -> list[dict]:
     if ours_dense and peers:
         best = min(peers, key=lambda r: r["ms_median"])
         r = best["ms_median"] / ours_dense["ms_median"]
-        out.append(check("dense vs best dense peer (speed ratio)", r, ">= 0.9", r >= 0.9, peer=best["backend"],
-                         target_applies=applies, **where))
+        out.append(
+            check(
+                "dense vs best dense peer (speed ratio)",
+                r,
+                ">= 0.9",
+                r >= 0.9,
+                peer=best["backend"],
+                target_applies=applies,
+                **where,
+            )
+        )
     for policy in ("vskip", "frozen"):
         c = by_policy[policy]
         mine = find(c["results"], primary)
@@ -154,16 +175,33 @@ def shape_checks(shape: cases.AttnShape, shape_cases: list[dict]) -> list[dict]:
             continue
         if ours_dense and c["live_tile_fraction"] is not None:
             bound = 1.3 * c["live_tile_fraction"] * ours_dense["ms_median"]
-            out.append(check(f"{policy} time <= 1.3 x live/causal tiles x dense time", mine["ms_median"] / bound,
-                             "<= 1.0 (time / bound)", mine["ms_median"] <= bound, ms=mine["ms_median"],
-                             bound_ms=bound, live_tile_fraction=c["live_tile_fraction"], target_applies=applies,
-                             **where))
+            out.append(
+                check(
+                    f"{policy} time <= 1.3 x live/causal tiles x dense time",
+                    mine["ms_median"] / bound,
+                    "<= 1.0 (time / bound)",
+                    mine["ms_median"] <= bound,
+                    ms=mine["ms_median"],
+                    bound_ms=bound,
+                    live_tile_fraction=c["live_tile_fraction"],
+                    target_applies=applies,
+                    **where,
+                )
+            )
         flex = next((r for r in c["results"] if r["backend"].startswith("flex_attention")), None)
         if flex:
             r = flex["ms_median"] / mine["ms_median"]
             # only compiled FlexAttention is the target's peer; the uncompiled one (CPU) is its math path
-            out.append(check(f"{policy} vs {flex['backend']} (speed ratio)", r, ">= 1.5", r >= 1.5,
-                             target_applies=applies and flex["backend"] == "flex_attention", **where))
+            out.append(
+                check(
+                    f"{policy} vs {flex['backend']} (speed ratio)",
+                    r,
+                    ">= 1.5",
+                    r >= 1.5,
+                    target_applies=applies and flex["backend"] == "flex_attention",
+                    **where,
+                )
+            )
         torch_b = find(c["results"], OURS_TORCH)
         if torch_b and primary != OURS_TORCH:
             r = torch_b["ms_median"] / mine["ms_median"]

@@ -3,6 +3,7 @@
 All inputs are prepared before the callable is built, so only the attention
 itself is timed (masks, block masks, layout transposes and compilation are not).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,10 @@ def flash_attn_module():
         import flash_attn  # noqa: F401
         from flash_attn import flash_attn_func, flash_attn_with_kvcache
     except Exception as exc:
-        return None, f"flash-attn not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        return (
+            None,
+            f"flash-attn not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
+        )
     return (flash_attn_func, flash_attn_with_kvcache), None
 
 
@@ -34,8 +38,12 @@ def bool_mask(is_visual, nq, policy, visual_self=True):
     b, nk = is_visual.shape
     dev = is_visual.device
     mod = mask_mod_from_kind(token_kind(is_visual), policy, nq=nq, visual_self=visual_self)
-    return mod(torch.arange(b, device=dev)[:, None, None], None, torch.arange(nq, device=dev)[None, :, None],
-               torch.arange(nk, device=dev)[None, None, :])[:, None]
+    return mod(
+        torch.arange(b, device=dev)[:, None, None],
+        None,
+        torch.arange(nq, device=dev)[None, :, None],
+        torch.arange(nk, device=dev)[None, None, :],
+    )[:, None]
 
 
 def sdpa(q, k, v, mask=None):
@@ -131,8 +139,7 @@ def flex(q, k, v, kind, policy, *, compiled: bool, visual_self: bool = True):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     nq, nk = q.shape[2], k.shape[2]
-    bm = create_block_mask(flex_mask_mod(kind, nq, policy, visual_self), kind.shape[0], None, nq, nk,
-                           device=q.device)
+    bm = create_block_mask(flex_mask_mod(kind, nq, policy, visual_self), kind.shape[0], None, nq, nk, device=q.device)
     if compiled:
         # every shape and policy compiles anew; without a reset dynamo's recompile limit would
         # silently drop later cases to the unfused path

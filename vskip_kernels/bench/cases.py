@@ -3,6 +3,7 @@
 Layouts are (kind, length) segments; "visual" segments are image or video tokens.
 Head counts and head dims are those of the released 7B checkpoints' decoders.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,9 +31,17 @@ class AttnShape:
         return sum(n for k, n in self.segments if k == "visual")
 
     def describe(self) -> dict:
-        return {"name": self.name, "model": self.model, "heads_q": self.heads_q, "heads_kv": self.heads_kv,
-                "head_dim": self.head_dim, "seq_len": self.seq_len, "num_visual": self.num_visual,
-                "segments": [list(s) for s in self.segments], "batch": 1}
+        return {
+            "name": self.name,
+            "model": self.model,
+            "heads_q": self.heads_q,
+            "heads_kv": self.heads_kv,
+            "head_dim": self.head_dim,
+            "seq_len": self.seq_len,
+            "num_visual": self.num_visual,
+            "segments": [list(s) for s in self.segments],
+            "batch": 1,
+        }
 
 
 def one_image(n_visual: int) -> tuple:
@@ -66,9 +75,7 @@ MASS_SHAPES = tuple(
     AttnShape(f"mass-n{n}", "LLaVA-1.5-7B heads", 32, 32, 128, one_image(n - SYS - PROMPT))
     for n in (651, 3000, 8000, 32768)
 )
-SMOKE_MASS_SHAPES = (
-    AttnShape("smoke-mass-n64", "tiny", 4, 2, 16, (("text", 6), ("visual", 50), ("text", 8))),
-)
+SMOKE_MASS_SHAPES = (AttnShape("smoke-mass-n64", "tiny", 4, 2, 16, (("text", 6), ("visual", 50), ("text", 8))),)
 
 DECODE_CACHE_LENS = (4096, 8192, 16384, 32768)
 DECODE_HEADS = (("llava-7b heads", 32, 32, 128), ("qwen2-7b heads", 28, 4, 128))

@@ -3,6 +3,7 @@
 Every number written by a suite comes from a measurement taken in the same run;
 ratios (``speedup_vs``) are computed from those measurements, never typed in.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -25,6 +26,7 @@ RESULT_FIELDS = ("backend", "ms_median", "ms_p20", "ms_p80", "tflops", "peak_mem
 
 
 # ----------------------------------------------------------------------------- environment
+
 
 def _run(cmd: list[str], cwd: str | None = None) -> str | None:
     try:
@@ -105,6 +107,7 @@ def device_slug(env: dict) -> str:
 
 # ----------------------------------------------------------------------------- timing
 
+
 @dataclass
 class Timing:
     ms_median: float
@@ -126,8 +129,9 @@ def _quantile(xs: list[float], q: float) -> float:
 def summarize(samples_ms: list[float]) -> Timing:
     if not samples_ms:
         raise ValueError("summarize needs at least one timing sample")
-    return Timing(statistics.median(samples_ms), _quantile(samples_ms, 0.2), _quantile(samples_ms, 0.8),
-                  list(samples_ms))
+    return Timing(
+        statistics.median(samples_ms), _quantile(samples_ms, 0.2), _quantile(samples_ms, 0.8), list(samples_ms)
+    )
 
 
 class _L2Flusher:
@@ -140,8 +144,9 @@ class _L2Flusher:
         self.buf.zero_()
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 10,
-            flush_l2: bool = False) -> Timing:
+def time_fn(
+    fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 10, flush_l2: bool = False
+) -> Timing:
     """Median and p20/p80 of ``repeats`` calls after ``warmup`` calls.
 
     CUDA: one pair of events per call, so launch gaps between repeats are not
@@ -208,6 +213,7 @@ def free_memory(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- FLOPs
 
+
 def allowed_entries(kind: torch.Tensor, nq: int, policy: str, visual_self: bool = True) -> int:
     """Exact number of allowed (query, key) pairs summed over the batch, in O(B * N).
 
@@ -218,8 +224,8 @@ def allowed_entries(kind: torch.Tensor, nq: int, policy: str, visual_self: bool 
     kind = kind.long()
     real = (kind != 0).long().cumsum(1)  # real keys at positions <= p
     text = (kind == 1).long().cumsum(1)
-    qk = kind[:, nk - nq:]
-    real_q, text_q = real[:, nk - nq:], text[:, nk - nq:]
+    qk = kind[:, nk - nq :]
+    real_q, text_q = real[:, nk - nq :], text[:, nk - nq :]
     if policy == "dense":
         per_row = torch.where(qk != 0, real_q, torch.zeros_like(real_q))
     elif policy == "vskip":
@@ -243,8 +249,16 @@ def tflops(flops: int, ms: float) -> float | None:
 
 # ----------------------------------------------------------------------------- results
 
-def result_entry(backend: str, timing: Timing, *, flops: int | None = None, dense_flops: int | None = None,
-                 peak_mem_bytes: int | None = None, **extra) -> dict:
+
+def result_entry(
+    backend: str,
+    timing: Timing,
+    *,
+    flops: int | None = None,
+    dense_flops: int | None = None,
+    peak_mem_bytes: int | None = None,
+    **extra,
+) -> dict:
     entry = {
         "backend": backend,
         "ms_median": timing.ms_median,
@@ -269,8 +283,16 @@ def fill_speedups(results: list[dict], key: str = "ms_median") -> list[dict]:
     return results
 
 
-def measure(backend: str, build: Callable[[], Callable[[], object]], device: torch.device, args, *,
-            skipped: list, results: list, **entry_kw) -> dict | None:
+def measure(
+    backend: str,
+    build: Callable[[], Callable[[], object]],
+    device: torch.device,
+    args,
+    *,
+    skipped: list,
+    results: list,
+    **entry_kw,
+) -> dict | None:
     """Build the callable and time it; an out-of-memory, a missing package or an unsupported
     configuration (raised while building or running) becomes a recorded skip with its reason."""
     try:
@@ -310,9 +332,21 @@ def result_path(out_dir: str, suite: str, env: dict, created_utc: str) -> str:
     return path
 
 
-def write_results(out_dir: str, suite: str, env: dict, shapes: list, cases: list, *, smoke: bool,
-                  checks: list | None = None, settings: dict | None = None, notes: list | None = None,
-                  path: str | None = None, created_utc: str | None = None, complete: bool = True) -> str:
+def write_results(
+    out_dir: str,
+    suite: str,
+    env: dict,
+    shapes: list,
+    cases: list,
+    *,
+    smoke: bool,
+    checks: list | None = None,
+    settings: dict | None = None,
+    notes: list | None = None,
+    path: str | None = None,
+    created_utc: str | None = None,
+    complete: bool = True,
+) -> str:
     """Write the suite's result document and return its path.
 
     Without ``path``: a new ``<out_dir>/<suite>-<device-slug>-<timestamp>.json``. With it (and

@@ -10,6 +10,7 @@ Plans are built by hand from the deepest layers. Timing does not depend on which
 layers are chosen: every decoder layer of these models has the same shapes and
 cost, so N skipped layers save the same time wherever they sit.
 """
+
 from __future__ import annotations
 
 import gc
@@ -27,8 +28,16 @@ VSKIP_N, SHORTV_N, FLASHVLM_R = 19, 19, 0.2
 
 
 # --methods keys, in method_plans' order; the dense SDPA baseline always runs first
-METHOD_KEYS = ("dense-sdpa", "dense-ours", "vskip", "shortv", "flashvlm", "vskip+flashvlm", "shortv+flashvlm",
-               "shortv+vskip")
+METHOD_KEYS = (
+    "dense-sdpa",
+    "dense-ours",
+    "vskip",
+    "shortv",
+    "flashvlm",
+    "vskip+flashvlm",
+    "shortv+flashvlm",
+    "shortv+vskip",
+)
 
 
 def method_plans(num_layers: int, smoke: bool, methods=None):
@@ -58,13 +67,21 @@ def _all_plans(num_layers: int, smoke: bool):
         (f"vskip N={n}", mk(vskip_layers=deepest(n)), {"kind": "vskip", "n": n}),
         (f"shortv N={n}", mk(frozen_layers=deepest(n)), {"kind": "shortv", "n": n}),
         (f"flashvlm r={FLASHVLM_R}", mk(decode_bypass_layers=deepest(k)), {"kind": "flashvlm", "bypass": k}),
-        (f"vskip N={n} + flashvlm r={FLASHVLM_R}", mk(vskip_layers=deepest(n), decode_bypass_layers=deepest(k)),
-         {"kind": "vskip+flashvlm", "n": n, "bypass": k}),
-        (f"shortv N={n} + flashvlm r={FLASHVLM_R}", mk(frozen_layers=deepest(n), decode_bypass_layers=deepest(k)),
-         {"kind": "shortv+flashvlm", "n": n, "bypass": k}),
-        (f"shortv N={n} + vskip in the other {num_layers - n} layers",
-         mk(frozen_layers=deepest(n), vskip_layers=list(range(num_layers - n))),
-         {"kind": "shortv+vskip", "n": n, "vskip_n": num_layers - n}),
+        (
+            f"vskip N={n} + flashvlm r={FLASHVLM_R}",
+            mk(vskip_layers=deepest(n), decode_bypass_layers=deepest(k)),
+            {"kind": "vskip+flashvlm", "n": n, "bypass": k},
+        ),
+        (
+            f"shortv N={n} + flashvlm r={FLASHVLM_R}",
+            mk(frozen_layers=deepest(n), decode_bypass_layers=deepest(k)),
+            {"kind": "shortv+flashvlm", "n": n, "bypass": k},
+        ),
+        (
+            f"shortv N={n} + vskip in the other {num_layers - n} layers",
+            mk(frozen_layers=deepest(n), vskip_layers=list(range(num_layers - n))),
+            {"kind": "shortv+vskip", "n": n, "vskip_n": num_layers - n},
+        ),
     ]
 
 
@@ -73,8 +90,14 @@ def _generate(model, ids, new_tokens: int, cache=None):
     by every call, so the captured graphs keep their buffers) decode steps run compiled."""
     from transformers import CompileConfig
 
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    kw = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
     if cache is not None:
         kw.update(cache_kwargs(cache), compile_config=CompileConfig(mode="reduce-overhead", fullgraph=False))
     with torch.inference_mode():
@@ -99,8 +122,10 @@ def time_method(model, ids, args, device, graphs: bool):
             compiled = counters["stats"]["unique_graphs"] > 0
             # a decode step that breaks into several graphs (host syncs, data-dependent branches)
             # loses much of what CUDA graphs save: recorded with the timing
-            graph_info = {"decode_graph_count": int(counters["stats"]["unique_graphs"]),
-                          "decode_graph_breaks": int(sum(counters["graph_break"].values()))}
+            graph_info = {
+                "decode_graph_count": int(counters["stats"]["unique_graphs"]),
+                "decode_graph_breaks": int(sum(counters["graph_break"].values())),
+            }
         except Exception as exc:
             fallback = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
             graphs, cache = False, None
@@ -122,7 +147,8 @@ def time_method(model, ids, args, device, graphs: bool):
     avg_len = sum(lengths) / len(lengths)
     decode_sample = tot.ms_median - tt.ms_median  # unclamped: noise shows as noise, not as a zero
     fields = dict(
-        timing=tt, peak=peak,
+        timing=tt,
+        peak=peak,
         prefill_ms=tt.ms_median,
         ttft_ms=tt.ms_median,
         total_ms=tot.ms_median,
@@ -154,14 +180,30 @@ def finish_case(case, results, skipped, dtype, num_layers, input_len, new_tokens
         r["vs_dense"] = {
             "ttft_speedup": base["ttft_ms"] / r["ttft_ms"],
             "decode_token_reduction_pct": (1 - r["decode_ms_per_token"] / base["decode_ms_per_token"]) * 100
-            if r["decode_ms_per_token"] and base["decode_ms_per_token"] else None,
+            if r["decode_ms_per_token"] and base["decode_ms_per_token"]
+            else None,
             "throughput_gain_pct": (r["throughput_tok_s"] / base["throughput_tok_s"] - 1) * 100
-            if r["throughput_tok_s"] and base["throughput_tok_s"] else None,
+            if r["throughput_tok_s"] and base["throughput_tok_s"]
+            else None,
         }
-    shape = {"name": case.name, "family": case.family, "num_layers": num_layers, "num_visual": case.num_visual,
-             "visual_token": case.visual_token, "input_len": input_len, "new_tokens": new_tokens, "batch": 1}
-    return shape, {"case": case.name, "model": case.name, "dtype": str(dtype).replace("torch.", ""),
-                   "input_len": input_len, "results": results, "skipped": skipped}
+    shape = {
+        "name": case.name,
+        "family": case.family,
+        "num_layers": num_layers,
+        "num_visual": case.num_visual,
+        "visual_token": case.visual_token,
+        "input_len": input_len,
+        "new_tokens": new_tokens,
+        "batch": 1,
+    }
+    return shape, {
+        "case": case.name,
+        "model": case.name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "input_len": input_len,
+        "results": results,
+        "skipped": skipped,
+    }
 
 
 def run_model(case, args, device, dtype, progress=None):
@@ -193,19 +235,31 @@ def run_model(case, args, device, dtype, progress=None):
                     torch._dynamo.reset()  # the next method patches the model: compile it afresh
                 free_memory(device)
             timing, peak = fields.pop("timing"), fields.pop("peak")
-            entry = result_entry(name, timing, peak_mem_bytes=peak, metric="ttft", method=desc,
-                                 plan=None if plan is None else {"vskip": plan.vskip_layers,
-                                                                 "frozen": plan.frozen_layers,
-                                                                 "decode_bypass": plan.decode_bypass_layers},
-                                 decode_mode=mode, **fields)
+            entry = result_entry(
+                name,
+                timing,
+                peak_mem_bytes=peak,
+                metric="ttft",
+                method=desc,
+                plan=None
+                if plan is None
+                else {
+                    "vskip": plan.vskip_layers,
+                    "frozen": plan.frozen_layers,
+                    "decode_bypass": plan.decode_bypass_layers,
+                },
+                decode_mode=mode,
+                **fields,
+            )
             if want_graphs and fallback is not None:
                 entry["decode_graphs_error"] = fallback
             if not want_graphs and args.decode_mode == "graphs":
                 entry["decode_graphs_error"] = "CUDA graphs need a CUDA device"
             results.append(entry)
             if progress is not None:
-                progress(*finish_case(case, results, skipped, dtype, num_layers, int(ids.shape[1]),
-                                      args.max_new_tokens))
+                progress(
+                    *finish_case(case, results, skipped, dtype, num_layers, int(ids.shape[1]), args.max_new_tokens)
+                )
     finally:
         del model
         gc.collect()
@@ -223,20 +277,51 @@ def model_checks(case_name: str, c: dict) -> list[dict]:
         if vd is None:
             continue
         if kind == "shortv" and case_name == "llava-next-7b":
-            out.append(check("ShortV TTFT speedup on LLaVA-NeXT-7B", vd["ttft_speedup"], ">= 1.6",
-                             vd["ttft_speedup"] >= 1.6, model=case_name, method=r["backend"]))
+            out.append(
+                check(
+                    "ShortV TTFT speedup on LLaVA-NeXT-7B",
+                    vd["ttft_speedup"],
+                    ">= 1.6",
+                    vd["ttft_speedup"] >= 1.6,
+                    model=case_name,
+                    method=r["backend"],
+                )
+            )
         if kind == "shortv+vskip" and case_name == "qwen2.5-vl-7b-video32k":
-            out.append(check("ShortV + V-Skip (all layers) TTFT speedup on Qwen2.5-VL-7B (32k visual)",
-                             vd["ttft_speedup"], ">= 3", vd["ttft_speedup"] >= 3.0, model=case_name,
-                             method=r["backend"]))
+            out.append(
+                check(
+                    "ShortV + V-Skip (all layers) TTFT speedup on Qwen2.5-VL-7B (32k visual)",
+                    vd["ttft_speedup"],
+                    ">= 3",
+                    vd["ttft_speedup"] >= 3.0,
+                    model=case_name,
+                    method=r["backend"],
+                )
+            )
         if kind == "vskip" and case_name == "qwen2.5-vl-7b-video32k":
-            out.append(check("V-Skip TTFT speedup on Qwen2.5-VL-7B (32k visual)", vd["ttft_speedup"], ">= 1.3",
-                             vd["ttft_speedup"] >= 1.3, model=case_name, method=r["backend"]))
+            out.append(
+                check(
+                    "V-Skip TTFT speedup on Qwen2.5-VL-7B (32k visual)",
+                    vd["ttft_speedup"],
+                    ">= 1.3",
+                    vd["ttft_speedup"] >= 1.3,
+                    model=case_name,
+                    method=r["backend"],
+                )
+            )
         if kind == "flashvlm" and vd["decode_token_reduction_pct"] is not None:
             # the target is stated for LLaVA-1.5-7B; other models are reported against the same bar
-            out.append(check("FlashVLM r=0.2 decode time/token reduction (%)", vd["decode_token_reduction_pct"],
-                             ">= 17", vd["decode_token_reduction_pct"] >= 17.0, model=case_name, method=r["backend"],
-                             target_applies=case_name == FLASHVLM_TARGET_MODEL))
+            out.append(
+                check(
+                    "FlashVLM r=0.2 decode time/token reduction (%)",
+                    vd["decode_token_reduction_pct"],
+                    ">= 17",
+                    vd["decode_token_reduction_pct"] >= 17.0,
+                    model=case_name,
+                    method=r["backend"],
+                    target_applies=case_name == FLASHVLM_TARGET_MODEL,
+                )
+            )
     return out
 
 
@@ -259,8 +344,14 @@ def run(args, device, dtype):
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             shapes.append({"name": case.name, "family": case.family, "num_visual": case.num_visual})
-            out.append({"case": case.name, "model": case.name, "results": [],
-                        "skipped": [{"backend": "(all methods)", "reason": f"{type(exc).__name__}: {msg}"}]})
+            out.append(
+                {
+                    "case": case.name,
+                    "model": case.name,
+                    "results": [],
+                    "skipped": [{"backend": "(all methods)", "reason": f"{type(exc).__name__}: {msg}"}],
+                }
+            )
             free_memory(device)
             checkpoint(args, shapes, out, checks)
             continue

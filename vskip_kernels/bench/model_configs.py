@@ -7,21 +7,51 @@ tower gets a one-layer stand-in because the benchmark feeds ``input_ids`` with
 image/video placeholder tokens and no pixels (every method leaves the vision
 encoder unchanged, so it would add the same time to all of them).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
-                 rms_norm_eps=1e-5)
-QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1000000.0)
-CLIP_STANDIN = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                    num_attention_heads=2, image_size=336, patch_size=14)
-SIGLIP_STANDIN = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=2, image_size=384, patch_size=14)
+LLAMA2_7B = dict(
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32064,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+)
+QWEN2_7B = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+)
+CLIP_STANDIN = dict(
+    model_type="clip_vision_model",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=336,
+    patch_size=14,
+)
+SIGLIP_STANDIN = dict(
+    model_type="siglip_vision_model",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=384,
+    patch_size=14,
+)
 
 
 @dataclass(frozen=True)
@@ -49,25 +79,39 @@ def build_config(case: ModelCase):
 
     if case.family == "tiny-llava":
         return tf.LlavaConfig(
-            text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                             max_position_embeddings=512),
-            vision_config=dict(CLIP_STANDIN, image_size=28), image_token_index=250)
+            text_config=dict(
+                model_type="llama",
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=256,
+                max_position_embeddings=512,
+            ),
+            vision_config=dict(CLIP_STANDIN, image_size=28),
+            image_token_index=250,
+        )
     if case.family == "LlavaForConditionalGeneration":
         return tf.LlavaConfig(text_config=dict(LLAMA2_7B), vision_config=dict(CLIP_STANDIN), image_token_index=32000)
     if case.family == "LlavaNextForConditionalGeneration":
-        return tf.LlavaNextConfig(text_config=dict(LLAMA2_7B), vision_config=dict(CLIP_STANDIN),
-                                  image_token_index=32000)
+        return tf.LlavaNextConfig(
+            text_config=dict(LLAMA2_7B), vision_config=dict(CLIP_STANDIN), image_token_index=32000
+        )
     if case.family == "LlavaOnevisionForConditionalGeneration":
         text = dict(QWEN2_7B, model_type="qwen2", vocab_size=152128, max_position_embeddings=32768)
-        return tf.LlavaOnevisionConfig(text_config=text, vision_config=dict(SIGLIP_STANDIN),
-                                       image_token_index=151646)
+        return tf.LlavaOnevisionConfig(text_config=text, vision_config=dict(SIGLIP_STANDIN), image_token_index=151646)
     if case.family == "Qwen2_5_VLForConditionalGeneration":
-        text = dict(QWEN2_7B, vocab_size=152064, max_position_embeddings=128000,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+        text = dict(
+            QWEN2_7B,
+            vocab_size=152064,
+            max_position_embeddings=128000,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        )
         text.pop("rope_theta")
-        vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=3584,
-                      fullatt_block_indexes=[0])
+        vision = dict(
+            depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=3584, fullatt_block_indexes=[0]
+        )
         return tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision)
     raise ValueError(f"unknown model family {case.family!r}")
 
@@ -108,5 +152,5 @@ def input_ids_for(model, case: ModelCase, device, seed: int = 0) -> torch.Tensor
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(3, hi, (case.text_before + case.text_after,), generator=g)
     vis = torch.full((case.num_visual,), visual_token_id(model, case), dtype=text.dtype)
-    ids = torch.cat([text[:case.text_before], vis, text[case.text_before:]])
+    ids = torch.cat([text[: case.text_before], vis, text[case.text_before :]])
     return ids[None].to(device)

@@ -6,6 +6,7 @@ The results folder is ``--out DIR`` when given, else ``default_out()``: ``bench/
 the current directory is the root of a source checkout (where the README table is made
 from), ``vskip_bench_results`` in the current directory anywhere else (an installed package).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ INSTALLED_OUT = "vskip_bench_results"  # anywhere else
 def is_source_checkout(path: str = ".") -> bool:
     """Whether ``path`` is the root of a vskip_kernels source checkout (its ``bench/`` folder
     next to the package source)."""
-    return (os.path.isfile(os.path.join(path, "bench", "make_table.py"))
-            and os.path.isfile(os.path.join(path, "vskip_kernels", "__init__.py")))
+    return os.path.isfile(os.path.join(path, "bench", "make_table.py")) and os.path.isfile(
+        os.path.join(path, "vskip_kernels", "__init__.py")
+    )
 
 
 def default_out() -> str:
@@ -33,30 +35,44 @@ def default_out() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vskip bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("suites", nargs="*", metavar="SUITE",
-                   help=f"sub-suites to run: {', '.join(SUITES)} or all (default: all)")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes and few iterations (CPU OK); results go to <out>/smoke")
-    p.add_argument("--out", default=None,
-                   help=f"results directory (default: {CHECKOUT_OUT} at the root of a source checkout, "
-                        f"else ./{INSTALLED_OUT})")
+    p.add_argument(
+        "suites", nargs="*", metavar="SUITE", help=f"sub-suites to run: {', '.join(SUITES)} or all (default: all)"
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny shapes and few iterations (CPU OK); results go to <out>/smoke"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"results directory (default: {CHECKOUT_OUT} at the root of a source checkout, else ./{INSTALLED_OUT})",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--warmup", type=int, default=None, help="warmup calls per measurement")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement")
     p.add_argument("--flush-l2", action="store_true", help="flush the GPU L2 cache before each timed call")
-    p.add_argument("--shapes", nargs="+", default=None, metavar="NAME",
-                   help="attention/visual_mass: only these shape names")
+    p.add_argument(
+        "--shapes", nargs="+", default=None, metavar="NAME", help="attention/visual_mass: only these shape names"
+    )
     p.add_argument("--models", nargs="+", default=None, metavar="NAME", help="model suite: only these models")
-    p.add_argument("--methods", nargs="+", default=None, metavar="KEY",
-                   help="model suite: only these methods, in this order (the dense SDPA baseline always runs "
-                        "first): dense-sdpa dense-ours vskip shortv flashvlm vskip+flashvlm shortv+flashvlm "
-                        "shortv+vskip")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="KEY",
+        help="model suite: only these methods, in this order (the dense SDPA baseline always runs "
+        "first): dense-sdpa dense-ours vskip shortv flashvlm vskip+flashvlm shortv+flashvlm "
+        "shortv+vskip",
+    )
     p.add_argument("--max-new-tokens", type=int, default=None, help="model suite: generated tokens per sample")
     p.add_argument("--model-repeats", type=int, default=None, help="model suite: generate() runs per method")
-    p.add_argument("--decode-mode", choices=("graphs", "eager"), default="graphs",
-                   help="model suite: decode with a static cache + torch.compile(reduce-overhead) "
-                        "(CUDA graphs) or eagerly; graphs fall back to eager, recorded, when they fail")
+    p.add_argument(
+        "--decode-mode",
+        choices=("graphs", "eager"),
+        default="graphs",
+        help="model suite: decode with a static cache + torch.compile(reduce-overhead) "
+        "(CUDA graphs) or eagerly; graphs fall back to eager, recorded, when they fail",
+    )
     return p
 
 
@@ -96,8 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         known = shape_names(args.smoke, suites)
         unknown = [s for s in args.shapes if s not in known]
         if unknown:
-            parser.error(f"unknown --shapes {unknown} for {'smoke ' if args.smoke else ''}suites "
-                         f"{', '.join(suites)}; choose from {', '.join(known) or '(none: these suites take no shapes)'}")
+            parser.error(
+                f"unknown --shapes {unknown} for {'smoke ' if args.smoke else ''}suites "
+                f"{', '.join(suites)}; choose from {', '.join(known) or '(none: these suites take no shapes)'}"
+            )
     return args
 
 
@@ -105,8 +123,10 @@ def shape_names(smoke: bool, suites) -> list[str]:
     """Names --shapes accepts for these suites (attention and visual_mass have named shapes)."""
     from . import cases
 
-    table = {"attention": cases.SMOKE_ATTENTION_SHAPES if smoke else cases.ATTENTION_SHAPES,
-             "visual_mass": cases.SMOKE_MASS_SHAPES if smoke else cases.MASS_SHAPES}
+    table = {
+        "attention": cases.SMOKE_ATTENTION_SHAPES if smoke else cases.ATTENTION_SHAPES,
+        "visual_mass": cases.SMOKE_MASS_SHAPES if smoke else cases.MASS_SHAPES,
+    }
     return [s.name for suite in suites for s in table.get(suite, ())]
 
 
@@ -125,8 +145,20 @@ def main(argv=None) -> list[str]:
     if device.type != "cuda" and not args.smoke:
         print("note: no GPU; results are written but make_table ignores CPU results", file=sys.stderr)
     env = environment(device)
-    settings = {k: getattr(args, k) for k in ("smoke", "dtype", "warmup", "repeats", "flush_l2", "max_new_tokens",
-                                              "model_repeats", "decode_mode", "methods")}
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "smoke",
+            "dtype",
+            "warmup",
+            "repeats",
+            "flush_l2",
+            "max_new_tokens",
+            "model_repeats",
+            "decode_mode",
+            "methods",
+        )
+    }
     paths = []
     for suite in args.suites:
         mod = importlib.import_module(f".{suite}", __package__)
@@ -136,8 +168,17 @@ def main(argv=None) -> list[str]:
         common = dict(smoke=args.smoke, settings=settings, path=path, created_utc=created)
 
         def save_partial(shapes, cases, checks, suite=suite, common=common):
-            write_results(out_dir, suite, env, shapes, cases, checks=checks, complete=False,
-                          notes=["partial: the run was still going when this was saved"], **common)
+            write_results(
+                out_dir,
+                suite,
+                env,
+                shapes,
+                cases,
+                checks=checks,
+                complete=False,
+                notes=["partial: the run was still going when this was saved"],
+                **common,
+            )
 
         args.checkpoint = save_partial
         print(f"[bench] {suite} on {env['gpu'] or device.type} -> {path}", file=sys.stderr, flush=True)

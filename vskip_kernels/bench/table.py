@@ -14,6 +14,7 @@ text between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is replaced; no
 else in the file changes. Plots need matplotlib and are skipped (with a message)
 without it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,18 +25,26 @@ import re
 import sys
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-NO_RESULTS = ("_No GPU results yet._ Run `python bench/run.py` on a CUDA GPU, then `python bench/make_table.py` "
-              "(see bench/README.md).")
+NO_RESULTS = (
+    "_No GPU results yet._ Run `python bench/run.py` on a CUDA GPU, then `python bench/make_table.py` "
+    "(see bench/README.md)."
+)
 SUITE_ORDER = ("attention", "visual_mass", "decode", "model")
 OURS = ("ours-triton", "ours-torch")
 
 
 # ----------------------------------------------------------------------------- loading
 
+
 def is_gpu_result(doc: dict) -> bool:
     env = doc.get("env") or {}
-    return (doc.get("format") == "vskip-bench/1" and not doc.get("smoke", False)
-            and env.get("device") == "cuda" and bool(env.get("gpu")) and bool(doc.get("cases")))
+    return (
+        doc.get("format") == "vskip-bench/1"
+        and not doc.get("smoke", False)
+        and env.get("device") == "cuda"
+        and bool(env.get("gpu"))
+        and bool(doc.get("cases"))
+    )
 
 
 def load_results(results_dir: str) -> list[dict]:
@@ -103,14 +112,14 @@ def _merge(ds: list[dict]) -> dict:
             if sh.get("name") not in seen:
                 seen.add(sh.get("name"))
                 shapes.append(sh)
-    merged = dict(ds[0], cases=cases, checks=checks, shapes=shapes,
-                  complete=all(d.get("complete", True) for d in used))
+    merged = dict(ds[0], cases=cases, checks=checks, shapes=shapes, complete=all(d.get("complete", True) for d in used))
     merged["_paths"] = [d.get("_path", "") for d in used]
     merged["_commits"] = sorted({(d["env"].get("git_commit") or "unknown")[:10] for d in used})
     return merged
 
 
 # ----------------------------------------------------------------------------- formatting
+
 
 def fmt(x, digits: int = 3) -> str:
     if x is None:
@@ -168,16 +177,20 @@ def header_line(doc: dict) -> str:
     commit = (env.get("git_commit") or "unknown")[:10] + (" (dirty)" if env.get("git_dirty") else "")
     if doc.get("_paths"):  # merged from several runs (see latest)
         files = ", ".join(f"`{os.path.basename(p)}`" for p in doc["_paths"])
-        return (f"{env['gpu']} ({env.get('gpu_capability') or '?'}), driver {env.get('driver_version') or '?'}, "
-                f"CUDA {env.get('cuda') or '?'}, torch {env.get('torch')}, triton {env.get('triton')}, "
-                f"transformers {env.get('transformers')}, commit {', '.join(doc['_commits'])}; newest result "
-                f"of each case from {files}"
-                + ("; partial: a run stopped before every case was measured" if doc.get("complete") is False else ""))
-    return (f"{env['gpu']} ({env.get('gpu_capability') or '?'}), driver {env.get('driver_version') or '?'}, "
+        return (
+            f"{env['gpu']} ({env.get('gpu_capability') or '?'}), driver {env.get('driver_version') or '?'}, "
             f"CUDA {env.get('cuda') or '?'}, torch {env.get('torch')}, triton {env.get('triton')}, "
-            f"transformers {env.get('transformers')}, commit {commit}, run {doc.get('created_utc', '?')} "
-            f"(`{os.path.basename(doc.get('_path', ''))}`)"
-            + ("; partial: the run stopped before every case was measured" if doc.get("complete") is False else ""))
+            f"transformers {env.get('transformers')}, commit {', '.join(doc['_commits'])}; newest result "
+            f"of each case from {files}"
+            + ("; partial: a run stopped before every case was measured" if doc.get("complete") is False else "")
+        )
+    return (
+        f"{env['gpu']} ({env.get('gpu_capability') or '?'}), driver {env.get('driver_version') or '?'}, "
+        f"CUDA {env.get('cuda') or '?'}, torch {env.get('torch')}, triton {env.get('triton')}, "
+        f"transformers {env.get('transformers')}, commit {commit}, run {doc.get('created_utc', '?')} "
+        f"(`{os.path.basename(doc.get('_path', ''))}`)"
+        + ("; partial: the run stopped before every case was measured" if doc.get("complete") is False else "")
+    )
 
 
 def _baselines(cases):
@@ -196,12 +209,17 @@ def render_attention(doc):
     for c in cases:
         mine = _primary(c)
         torch_b = _find(c["results"], "ours-torch") if mine and mine["backend"] != "ours-torch" else None
-        rows.append([c["shape"], c["policy"], fmt(c.get("live_tile_fraction")),
-                     f"{fmt(mine['ms_median'])} [{mine['backend']}]" if mine else "—",
-                     fmt(mine.get("tflops")) if mine else "—"]
-                    + [_vs_cell(c, b, mine) for b in others]
-                    + [f"{fmt(torch_b['ms_median'])} ({fmt(torch_b['ms_median'] / mine['ms_median'])}×)"
-                       if torch_b else "—"])
+        rows.append(
+            [
+                c["shape"],
+                c["policy"],
+                fmt(c.get("live_tile_fraction")),
+                f"{fmt(mine['ms_median'])} [{mine['backend']}]" if mine else "—",
+                fmt(mine.get("tflops")) if mine else "—",
+            ]
+            + [_vs_cell(c, b, mine) for b in others]
+            + [f"{fmt(torch_b['ms_median'])} ({fmt(torch_b['ms_median'] / mine['ms_median'])}×)" if torch_b else "—"]
+        )
     head = ["shape", "policy", "live/causal tiles", "ours ms", "ours TFLOP/s"]
     head += [("sdpa (causal / bool mask)" if b == "sdpa" else b) + " ms (our speedup)" for b in others]
     head.append("ours-torch ms (our speedup)")
@@ -212,8 +230,15 @@ def render_visual_mass(doc):
     rows = []
     for c in doc["cases"]:
         for r in c["results"]:
-            rows.append([str(c.get("seq_len")), c["task"], r["backend"], fmt(r["ms_median"]),
-                         fmt(r.get("peak_mem_bytes") / 2**20 if r.get("peak_mem_bytes") else None)])
+            rows.append(
+                [
+                    str(c.get("seq_len")),
+                    c["task"],
+                    r["backend"],
+                    fmt(r["ms_median"]),
+                    fmt(r.get("peak_mem_bytes") / 2**20 if r.get("peak_mem_bytes") else None),
+                ]
+            )
         for s in c.get("skipped", []):
             rows.append([str(c.get("seq_len")), c["task"], s["backend"], f"skipped: {s['reason'][:60]}", "—"])
     return table(["N", "task", "backend", "ms", "peak MiB"], rows)
@@ -225,8 +250,15 @@ def render_decode(doc):
     rows = []
     for c in cases:
         mine = _primary(c)
-        rows.append([c["heads"], str(c["cache_len"]), f"{fmt(mine['ms_median'])} [{mine['backend']}]" if mine else "—",
-                     fmt(mine.get("gbps")) if mine else "—"] + [_vs_cell(c, b, mine) for b in others])
+        rows.append(
+            [
+                c["heads"],
+                str(c["cache_len"]),
+                f"{fmt(mine['ms_median'])} [{mine['backend']}]" if mine else "—",
+                fmt(mine.get("gbps")) if mine else "—",
+            ]
+            + [_vs_cell(c, b, mine) for b in others]
+        )
     return table(["heads", "cache", "ours ms", "ours GB/s"] + [f"{b} ms (our speedup)" for b in others], rows)
 
 
@@ -235,13 +267,35 @@ def render_model(doc):
     for c in doc["cases"]:
         for r in c["results"]:
             vd = r.get("vs_dense") or {}
-            rows.append([c["model"], r["backend"], fmt(r.get("prefill_ms")), fmt(r.get("decode_ms_per_token")),
-                         fmt(r.get("avg_output_len")), fmt(r.get("throughput_tok_s")), fmt(vd.get("ttft_speedup")),
-                         fmt(vd.get("decode_token_reduction_pct")), fmt(vd.get("throughput_gain_pct"))])
+            rows.append(
+                [
+                    c["model"],
+                    r["backend"],
+                    fmt(r.get("prefill_ms")),
+                    fmt(r.get("decode_ms_per_token")),
+                    fmt(r.get("avg_output_len")),
+                    fmt(r.get("throughput_tok_s")),
+                    fmt(vd.get("ttft_speedup")),
+                    fmt(vd.get("decode_token_reduction_pct")),
+                    fmt(vd.get("throughput_gain_pct")),
+                ]
+            )
         for s in c.get("skipped", []):
             rows.append([c["model"], s["backend"], f"skipped: {s['reason'][:60]}"] + ["—"] * 6)
-    return table(["model", "method", "prefill/TTFT ms", "decode ms/token", "avg len", "tokens/s",
-                  "TTFT speedup", "decode/token −%", "throughput +%"], rows)
+    return table(
+        [
+            "model",
+            "method",
+            "prefill/TTFT ms",
+            "decode ms/token",
+            "avg len",
+            "tokens/s",
+            "TTFT speedup",
+            "decode/token −%",
+            "throughput +%",
+        ],
+        rows,
+    )
 
 
 def render_checks(docs):
@@ -256,10 +310,12 @@ def render_checks(docs):
     return table(["GPU", "target", "case", "measured", "target", "result"], rows) if rows else ""
 
 
-RENDERERS = {"attention": ("Prefill attention", render_attention),
-             "visual_mass": ("Visual attention mass", render_visual_mass),
-             "decode": ("Decode attention (one query vs KV cache)", render_decode),
-             "model": ("Model level (FlashVLM metrics)", render_model)}
+RENDERERS = {
+    "attention": ("Prefill attention", render_attention),
+    "visual_mass": ("Visual attention mass", render_visual_mass),
+    "decode": ("Decode attention (one query vs KV cache)", render_decode),
+    "model": ("Model level (FlashVLM metrics)", render_model),
+}
 
 
 def render(docs: list[dict]) -> str:
@@ -299,6 +355,7 @@ def update_readme(readme: str, body: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- plots
+
 
 def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
@@ -356,8 +413,13 @@ def make_plots(docs: list[dict], plots_dir: str) -> list[str]:
                     for r in c["results"]:
                         series.setdefault(r["backend"], []).append((seq[c["shape"]], r["ms_median"]))
                 if series:
-                    plot_times(series, "sequence length", f"{policy} attention — {gpu}", 7,
-                               f"attention-{policy}-{_slug(gpu)}.png")
+                    plot_times(
+                        series,
+                        "sequence length",
+                        f"{policy} attention — {gpu}",
+                        7,
+                        f"attention-{policy}-{_slug(gpu)}.png",
+                    )
         elif d["suite"] == "decode":
             series = {}
             for c in d["cases"]:
@@ -370,22 +432,37 @@ def make_plots(docs: list[dict], plots_dir: str) -> list[str]:
             plotted = False
             for c in d["cases"]:
                 for kind, key, metric in (("vskip", "n", "ttft_speedup"), ("shortv", "n", "ttft_speedup")):
-                    pts = [(0, 1.0)] + [(r["method"][key], r["vs_dense"][metric]) for r in c["results"]
-                                        if r.get("method", {}).get("kind") == kind and r.get("vs_dense")]
+                    pts = [(0, 1.0)] + [
+                        (r["method"][key], r["vs_dense"][metric])
+                        for r in c["results"]
+                        if r.get("method", {}).get("kind") == kind and r.get("vs_dense")
+                    ]
                     if len(pts) > 1:
                         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{c['model']} {kind}")
                         plotted = True
-                pts = [(0, 1.0)] + [(r["method"]["bypass"], 1.0 / (1 - r["vs_dense"]["decode_token_reduction_pct"] / 100))
-                                    for r in c["results"] if r.get("method", {}).get("kind") == "flashvlm"
-                                    and r.get("vs_dense") and r["vs_dense"].get("decode_token_reduction_pct") is not None
-                                    and r["vs_dense"]["decode_token_reduction_pct"] < 100]
+                pts = [(0, 1.0)] + [
+                    (r["method"]["bypass"], 1.0 / (1 - r["vs_dense"]["decode_token_reduction_pct"] / 100))
+                    for r in c["results"]
+                    if r.get("method", {}).get("kind") == "flashvlm"
+                    and r.get("vs_dense")
+                    and r["vs_dense"].get("decode_token_reduction_pct") is not None
+                    and r["vs_dense"]["decode_token_reduction_pct"] < 100
+                ]
                 if len(pts) > 1:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", linestyle="--",
-                            label=f"{c['model']} flashvlm (decode)")
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        marker="s",
+                        linestyle="--",
+                        label=f"{c['model']} flashvlm (decode)",
+                    )
                     plotted = True
             if plotted:
-                ax.set(xlabel="skipped layers", ylabel="speedup vs dense (TTFT; decode for flashvlm)",
-                       title=f"speedup vs skipped layers — {gpu}")
+                ax.set(
+                    xlabel="skipped layers",
+                    ylabel="speedup vs dense (TTFT; decode for flashvlm)",
+                    title=f"speedup vs skipped layers — {gpu}",
+                )
                 ax.legend(fontsize=6)
                 save(fig, f"model-speedup-{_slug(gpu)}.png")
             else:
@@ -394,6 +471,7 @@ def make_plots(docs: list[dict], plots_dir: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- entry point
+
 
 def main(argv=None, *, results: str | None = None, readme: str | None = None) -> int:
     """``results`` / ``readme``: defaults of ``--results`` / ``--readme`` (bench/make_table.py
@@ -418,8 +496,11 @@ def main(argv=None, *, results: str | None = None, readme: str | None = None) ->
         print(body)
     else:
         changed = update_readme(args.readme, body)
-        print(f"make_table: {args.readme} {'updated' if changed else 'unchanged'} "
-              f"({len(latest(docs))} GPU result file(s))", file=sys.stderr)
+        print(
+            f"make_table: {args.readme} {'updated' if changed else 'unchanged'} "
+            f"({len(latest(docs))} GPU result file(s))",
+            file=sys.stderr,
+        )
     if not args.no_plots and docs:
         for path in make_plots(docs, args.plots_dir or os.path.join(args.results, "plots")):
             print(f"make_table: wrote {path}", file=sys.stderr)

@@ -9,6 +9,7 @@ Three cases per length N:
 The eager baselines materialize [B, H, Nq, Nk] probabilities; at long N they run
 out of memory, which is recorded as a skip with its reason.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,11 @@ def run_shape(shape, args, device, dtype):
     def mask(last_only=False):
         key = "last" if last_only else "all"
         if key not in mask_cache:
-            mask_cache[key] = baselines.bool_mask(is_visual, nq, "dense")[:, :, -1:] if last_only else \
-                baselines.bool_mask(is_visual, nq, "dense")
+            mask_cache[key] = (
+                baselines.bool_mask(is_visual, nq, "dense")[:, :, -1:]
+                if last_only
+                else baselines.bool_mask(is_visual, nq, "dense")
+            )
         return mask_cache[key]
 
     out = []
@@ -60,31 +64,81 @@ def run_shape(shape, args, device, dtype):
         ctx = dict(skipped=skipped, results=results)
         for backend, name in ours:
             if task == "mass-all":
-                measure(name, lambda b=backend: (lambda: vk.visual_attention_mass(q, k, is_visual, backend=b)),
-                        device, args, **ctx)
+                measure(
+                    name,
+                    lambda b=backend: lambda: vk.visual_attention_mass(q, k, is_visual, backend=b),
+                    device,
+                    args,
+                    **ctx,
+                )
             elif task == "mass-last":
-                measure(name, lambda b=backend: (lambda: vk.visual_attention_mass(
-                    q, k, is_visual, query_positions=[-1], backend=b)), device, args, **ctx)
+                measure(
+                    name,
+                    lambda b=backend: (
+                        lambda: vk.visual_attention_mass(q, k, is_visual, query_positions=[-1], backend=b)
+                    ),
+                    device,
+                    args,
+                    **ctx,
+                )
             else:
-                measure(f"{name} attention", lambda b=backend: (lambda: vk.modality_attention(
-                    q, k, v, is_visual, policy="dense", backend=b)), device, args, **ctx)
-                measure(f"{name} attention + fused mass", lambda b=backend: (lambda: vk.modality_attention(
-                    q, k, v, is_visual, policy="dense", return_visual_mass=True, backend=b)), device, args, **ctx)
+                measure(
+                    f"{name} attention",
+                    lambda b=backend: lambda: vk.modality_attention(q, k, v, is_visual, policy="dense", backend=b),
+                    device,
+                    args,
+                    **ctx,
+                )
+                measure(
+                    f"{name} attention + fused mass",
+                    lambda b=backend: (
+                        lambda: vk.modality_attention(
+                            q, k, v, is_visual, policy="dense", return_visual_mass=True, backend=b
+                        )
+                    ),
+                    device,
+                    args,
+                    **ctx,
+                )
         if task == "mass-all":
-            measure("eager probs + visual sum", lambda: _eager_mass(q, k, v, mask(), vis_idx, False),
-                    device, args, **ctx)
+            measure(
+                "eager probs + visual sum", lambda: _eager_mass(q, k, v, mask(), vis_idx, False), device, args, **ctx
+            )
         elif task == "mass-last":
-            measure("eager probs (all queries, output_attentions) + visual sum",
-                    lambda: _eager_mass(q, k, v, mask(), vis_idx, False), device, args, **ctx)
-            measure("eager probs (last query) + visual sum",
-                    lambda: _eager_mass(q[:, :, -1:], k, v, mask(last_only=True), vis_idx, False),
-                    device, args, **ctx)
+            measure(
+                "eager probs (all queries, output_attentions) + visual sum",
+                lambda: _eager_mass(q, k, v, mask(), vis_idx, False),
+                device,
+                args,
+                **ctx,
+            )
+            measure(
+                "eager probs (last query) + visual sum",
+                lambda: _eager_mass(q[:, :, -1:], k, v, mask(last_only=True), vis_idx, False),
+                device,
+                args,
+                **ctx,
+            )
         else:
-            measure("eager attention + probs + visual sum", lambda: _eager_mass(q, k, v, mask(), vis_idx, True),
-                    device, args, **ctx)
+            measure(
+                "eager attention + probs + visual sum",
+                lambda: _eager_mass(q, k, v, mask(), vis_idx, True),
+                device,
+                args,
+                **ctx,
+            )
         fill_speedups(results)
-        out.append({"case": f"{shape.name}/{task}", "shape": shape.name, "task": task, "seq_len": shape.seq_len,
-                    "dtype": str(dtype).replace("torch.", ""), "results": results, "skipped": skipped})
+        out.append(
+            {
+                "case": f"{shape.name}/{task}",
+                "shape": shape.name,
+                "task": task,
+                "seq_len": shape.seq_len,
+                "dtype": str(dtype).replace("torch.", ""),
+                "results": results,
+                "skipped": skipped,
+            }
+        )
     mask_cache.clear()
     return out
 
@@ -97,17 +151,35 @@ def shape_checks(shape, shape_cases) -> list[dict]:
     plain, with_mass = find(fused, f"{primary} attention"), find(fused, f"{primary} attention + fused mass")
     if plain and with_mass:
         pct = (with_mass["ms_median"] / plain["ms_median"] - 1.0) * 100.0
-        out.append(check("fused visual-mass overhead (%)", pct, "<= 10", pct <= 10.0, shape=shape.name,
-                         seq_len=shape.seq_len, ours_backend=primary))
+        out.append(
+            check(
+                "fused visual-mass overhead (%)",
+                pct,
+                "<= 10",
+                pct <= 10.0,
+                shape=shape.name,
+                seq_len=shape.seq_len,
+                ours_backend=primary,
+            )
+        )
     last = by_task["mass-last"]["results"]
     mine = find(last, primary)
     eager_all = find(last, "eager probs (all queries, output_attentions) + visual sum")
     if mine and eager_all:
         r = eager_all["ms_median"] / mine["ms_median"]
         # the 20x target is stated at N ~ 3k; other lengths are reported against the same bar for reference
-        out.append(check("last-token mass vs eager output_attentions + visual sum (speed ratio)", r, ">= 20",
-                         r >= 20.0, shape=shape.name, seq_len=shape.seq_len, ours_backend=primary,
-                         target_applies=2048 <= shape.seq_len <= 4096))
+        out.append(
+            check(
+                "last-token mass vs eager output_attentions + visual sum (speed ratio)",
+                r,
+                ">= 20",
+                r >= 20.0,
+                shape=shape.name,
+                seq_len=shape.seq_len,
+                ours_backend=primary,
+                target_applies=2048 <= shape.seq_len <= 4096,
+            )
+        )
     return out
 
 

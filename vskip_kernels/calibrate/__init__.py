@@ -4,6 +4,7 @@
 (FlashVLM visual mass, V-Skip VIG, ShortV LC, or a baseline) and returns a plan;
 ``diagnostics(model, batches)`` reports Skip-It's redundancy measures per layer.
 """
+
 from .api import DEFAULT_TARGETS, METHODS, calibrate
 from .diagnostics import diagnostics
 

@@ -1,4 +1,5 @@
 """Plumbing shared by the calibration methods: budgets, batches, masks, progress."""
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,9 @@ def resolve_budget(num_layers: int, budget, skip_ratio) -> int:
         if isinstance(budget, bool) or not isinstance(budget, int):
             raise TypeError(f"budget must be an int number of layers, got {budget!r}")
         if not 0 <= budget <= num_layers:
-            raise ValueError(f"budget must be in [0, {num_layers}] for a model with {num_layers} decoder layers, got {budget}")
+            raise ValueError(
+                f"budget must be in [0, {num_layers}] for a model with {num_layers} decoder layers, got {budget}"
+            )
         return budget
     if isinstance(skip_ratio, bool) or not isinstance(skip_ratio, (int, float)):
         raise TypeError(f"skip_ratio must be a number in [0, 1], got {skip_ratio!r}")
@@ -63,7 +66,9 @@ def model_dtype(model) -> torch.dtype:
 
 def iter_batches(batches) -> Iterator[dict[str, Any]]:
     if batches is None:
-        raise ValueError("batches must be an iterable of input dicts (input_ids, attention_mask, pixel_values, ...), got None")
+        raise ValueError(
+            "batches must be an iterable of input dicts (input_ids, attention_mask, pixel_values, ...), got None"
+        )
     if isinstance(batches, dict):
         raise TypeError("batches must be an iterable of input dicts; wrap a single batch in a list: [batch]")
     try:

@@ -1,4 +1,5 @@
 """``calibrate``: score every decoder layer with one method and turn the scores into a SkipPlan."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -37,9 +38,18 @@ def _hidden_options(method: str, options: dict[str, Any], target: str) -> dict[s
     return pop_options(options, method, allowed)
 
 
-def calibrate(model, batches: Iterable[dict] | None, method: str, *, budget: int | None = None,
-              skip_ratio: float | None = None, seed: int = 0, max_new_tokens: int = 32, progress: bool = True,
-              **method_options) -> SkipPlan:
+def calibrate(
+    model,
+    batches: Iterable[dict] | None,
+    method: str,
+    *,
+    budget: int | None = None,
+    skip_ratio: float | None = None,
+    seed: int = 0,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+    **method_options,
+) -> SkipPlan:
     """Score the decoder layers of ``model`` on ``batches`` with ``method`` and pick layers to skip.
 
     batches: iterable of input dicts (input_ids, attention_mask, pixel_values, image_sizes /
@@ -84,20 +94,31 @@ def calibrate(model, batches: Iterable[dict] | None, method: str, *, budget: int
         if method == "angular":
             n = opts["n"] if opts["n"] is not None else k
             if isinstance(n, bool) or not isinstance(n, int) or n != k:
-                raise ValueError(f"angular skips one block of n consecutive layers, so n must equal the budget ({k}); got n={n!r}")
+                raise ValueError(
+                    f"angular skips one block of n consecutive layers, so n must equal the budget ({k}); got n={n!r}"
+                )
             if k == 0:
                 raise ValueError("angular needs a block of at least one layer: budget/skip_ratio gave 0 layers")
             block = n
             opts["n"] = n
-        scores, samples = hidden_state_scores(model, decoder_layers(model), batches, method, tokens=opts["tokens"],
-                                              block=block, show_progress=progress)
+        scores, samples = hidden_state_scores(
+            model, decoder_layers(model), batches, method, tokens=opts["tokens"], block=block, show_progress=progress
+        )
         chosen = best_block(scores, k) if method == "angular" else lowest(scores, k)
     else:
         if method == "visual_mass":
             opts = pop_options(options, method, {"target": target, "backend": "auto"})
         else:
-            opts = pop_options(options, method, {"target": target, "backend": "auto", "kl_direction": "forward",
-                                                 "num_samples": 20 if method == "vig" else None})
+            opts = pop_options(
+                options,
+                method,
+                {
+                    "target": target,
+                    "backend": "auto",
+                    "kl_direction": "forward",
+                    "num_samples": 20 if method == "vig" else None,
+                },
+            )
             check_choice("kl_direction", opts["kl_direction"], ("forward", "reverse"))
             ns = opts["num_samples"]
             if ns is not None and (isinstance(ns, bool) or not isinstance(ns, int) or ns < 1):
@@ -111,16 +132,25 @@ def calibrate(model, batches: Iterable[dict] | None, method: str, *, budget: int
             if method == "visual_mass":
                 from .visual_mass import visual_mass_scores
 
-                scores, samples, tokens = visual_mass_scores(model, handle, num, batches, max_new_tokens=max_new_tokens,
-                                                             show_progress=progress)
+                scores, samples, tokens = visual_mass_scores(
+                    model, handle, num, batches, max_new_tokens=max_new_tokens, show_progress=progress
+                )
                 record.update(max_new_tokens=max_new_tokens, num_tokens=tokens)
             else:
                 from .divergence import kl_scores
 
                 policy = "vskip" if method == "vig" else "frozen"
-                scores, samples = kl_scores(model, handle, decoder_layers(model), language_model(model), batches,
-                                            policy=policy, num_samples=opts["num_samples"],
-                                            kl_direction=opts["kl_direction"], show_progress=progress)
+                scores, samples = kl_scores(
+                    model,
+                    handle,
+                    decoder_layers(model),
+                    language_model(model),
+                    batches,
+                    policy=policy,
+                    num_samples=opts["num_samples"],
+                    kl_direction=opts["kl_direction"],
+                    show_progress=progress,
+                )
         finally:
             handle.remove()
             model.train(was_training)

@@ -8,6 +8,7 @@
 - depth (early exit): deepest layers first.
 - random: a seeded random order.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,9 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30)
 
 
-def hidden_state_scores(model, layers, batches, metric: str, *, tokens: str, block: int = 1,
-                        show_progress: bool = True) -> tuple[list[float], int]:
+def hidden_state_scores(
+    model, layers, batches, metric: str, *, tokens: str, block: int = 1, show_progress: bool = True
+) -> tuple[list[float], int]:
     """Per-layer score of ``metric`` in {"cosine", "l2", "angular"} over the selected tokens.
 
     For angular, entry l compares x_l with x_{min(l + block, L)}: blocks that would run
@@ -42,8 +44,10 @@ def hidden_state_scores(model, layers, batches, metric: str, *, tokens: str, blo
             sel = token_selection(model, batch, tokens)
             n_sel = int(sel.sum())
             if n_sel == 0:
-                raise ValueError(f"a calibration batch has no {tokens!r} tokens to average {metric} over"
-                                 + (" (no visual tokens: is this a text-only batch?)" if tokens == "visual" else ""))
+                raise ValueError(
+                    f"a calibration batch has no {tokens!r} tokens to average {metric} over"
+                    + (" (no visual tokens: is this a text-only batch?)" if tokens == "visual" else "")
+                )
             with boundary_states(layers, lambda h: h[sel].float()) as xs:
                 model(**batch, use_cache=False)
             for l in range(num):

@@ -1,4 +1,5 @@
 """Hooks on the decoder layers: the hidden state entering each layer, and leaving the last one."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ def boundary_states(layers, select):
     def pre(i):
         def hook(module, args, kwargs):
             states[i] = select(layer_input(args, kwargs))
+
         return hook
 
     def post(module, args, kwargs, out):
@@ -68,6 +70,7 @@ def layer_calls(layers):
             kw = dict(kwargs)
             kw.pop("hidden_states", None)
             calls[i] = (layer_input(args, kwargs), tuple(args[1:]), kw)
+
         return hook
 
     def post(module, args, kwargs, out):

@@ -3,6 +3,7 @@
 Image paths are relative to the data file's folder unless absolute. Every problem is
 reported as a ``DataError`` naming the file and line.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,9 @@ def prompt_text(processor, prompt: str, num_images: int) -> str:
     """The prompt in the model's chat template, with one image slot per image."""
     content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
     if getattr(processor, "chat_template", None):
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
     token = getattr(processor, "image_token", None)
     if num_images and token is None:
         raise DataError("the processor has neither a chat template nor an image token to place images with")
@@ -116,7 +118,7 @@ def batches(processor, rows: list[Row], batch_size: int = 1) -> Iterator[dict]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
+        chunk = rows[i : i + batch_size]
         imgs = [[load_image(p, r.where) for p in r.images] for r in chunk]
         try:
             yield encode(processor, [r.prompt for r in chunk], imgs)

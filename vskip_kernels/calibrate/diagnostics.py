@@ -11,6 +11,7 @@ The ratio needs every prompt query's attention row, which the one-pass mass kern
 (newest query only) does not report, so the language model runs eager attention here
 and each layer's probabilities are reduced and dropped as soon as the layer returns.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -45,6 +46,7 @@ def _attention_ratio_hooks(layers, is_vis: torch.Tensor, queries: torch.Tensor, 
             vis = (probs.float() * is_vis[:, None, None, :].to(probs.device)).sum(-1).mean(1)  # [B, N]
             sums[i] += (vis * queries).sum().double().cpu()
             return (out[0], None) + tuple(out[2:])
+
         return hook
 
     try:
@@ -81,8 +83,11 @@ def diagnostics(model, batches, *, progress_bar: bool = True) -> dict:
             seen_visual = is_vis.long().cumsum(1) > 0
             queries = (real & ~is_vis & seen_visual).to(torch.float32)
             kinds = torch.where(is_vis, 1, torch.where(real, 0, -1))  # 1 visual, 0 text, -1 padding
-            with _eager_attention(lm), _attention_ratio_hooks(layers, is_vis, queries, var_sum), \
-                    boundary_states(layers, lambda h: h.float()) as xs:
+            with (
+                _eager_attention(lm),
+                _attention_ratio_hooks(layers, is_vis, queries, var_sum),
+                boundary_states(layers, lambda h: h.float()) as xs,
+            ):
                 model(**batch, use_cache=False)
             for name, code in (("visual", 1), ("text", 0)):
                 sel = kinds == code

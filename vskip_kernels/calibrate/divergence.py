@@ -10,6 +10,7 @@ records every decoder layer's input and call arguments; for each l the stack is 
 from layer l's saved input, with layer l under the policy, then the final norm and the
 LM head are applied at the last prompt position only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,18 @@ def kl(log_p_full: torch.Tensor, log_p_l: torch.Tensor, direction: str) -> torch
     return (a.exp() * (a - b)).sum(-1)
 
 
-def kl_scores(model, handle, layers, lm, batches, *, policy: str, num_samples: int | None, kl_direction: str,
-              show_progress: bool = True) -> tuple[list[float], int]:
+def kl_scores(
+    model,
+    handle,
+    layers,
+    lm,
+    batches,
+    *,
+    policy: str,
+    num_samples: int | None,
+    kl_direction: str,
+    show_progress: bool = True,
+) -> tuple[list[float], int]:
     """Returns (mean KL per layer, number of samples used)."""
     num = len(layers)
     norm, head = _final_norm(lm), _head(model)

@@ -6,6 +6,7 @@ newest query's attention that lands on visual keys, averaged over heads. Sums ov
 tokens and samples divided by the token count give A_v; the lowest-A_v layers are the
 ones bypassed during decode.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ def _counted_steps(generated: torch.Tensor, steps: int, eos: list[int]) -> torch
     return valid
 
 
-def visual_mass_scores(model, handle, num_layers: int, batches, *, max_new_tokens: int,
-                       show_progress: bool = True) -> tuple[list[float], int, int]:
+def visual_mass_scores(
+    model, handle, num_layers: int, batches, *, max_new_tokens: int, show_progress: bool = True
+) -> tuple[list[float], int, int]:
     """Returns (A_v per layer, number of samples, number of counted tokens)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -49,12 +51,20 @@ def visual_mass_scores(model, handle, num_layers: int, batches, *, max_new_token
             batch = prepare(batch, model)
             am = batch["attention_mask"]
             if bool((am[:, -1] == 0).any()):
-                raise ValueError("visual_mass generates from the batch, which needs left padding "
-                                 "(attention_mask[:, -1] must be 1); set the tokenizer's padding_side='left'")
+                raise ValueError(
+                    "visual_mass generates from the batch, which needs left padding "
+                    "(attention_mask[:, -1] must be 1); set the tokenizer's padding_side='left'"
+                )
             n_prompt = batch["input_ids"].shape[1]
             with handle.record_visual_mass() as rec:
-                seqs = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=0,
-                                      do_sample=False, num_beams=1, use_cache=True)
+                seqs = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    min_new_tokens=0,
+                    do_sample=False,
+                    num_beams=1,
+                    use_cache=True,
+                )
             generated = seqs[:, n_prompt:]
             steps = len(rec.per_layer.get(0, []))
             if steps == 0 or any(len(rec.per_layer.get(l, [])) != steps for l in range(num_layers)):

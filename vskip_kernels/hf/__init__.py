@@ -3,6 +3,7 @@
 ``apply_skip_plan(model, plan)`` patches a transformers VLM or causal LM in place and
 returns a ``SkipHandle`` whose ``remove()`` restores it.
 """
+
 from .models import decoder_layers, language_model, num_decoder_layers, visual_token_ids
 from .patch import SkipHandle, apply_skip_plan
 from .state import VisualMassRecorder

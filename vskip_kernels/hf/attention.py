@@ -6,6 +6,7 @@ custom implementation no mask at all; ours returns the plain 2-D padding mask (p
 to the cache's key length), because the policy masks are built from token kinds by
 the kernels, never as a dense 4-D tensor.
 """
+
 from __future__ import annotations
 
 from ..ops.attention import modality_attention
@@ -19,7 +20,9 @@ def _check_unsupported(dropout, sliding_window, softcap, kwargs) -> None:
     if dropout not in (None, 0, 0.0):
         raise ValueError(f"vskip attention has no attention dropout; got dropout={dropout} (call model.eval())")
     if sliding_window is not None:
-        raise ValueError(f"vskip attention does not implement sliding-window attention (sliding_window={sliding_window})")
+        raise ValueError(
+            f"vskip attention does not implement sliding-window attention (sliding_window={sliding_window})"
+        )
     if softcap is not None:
         raise ValueError(f"vskip attention does not implement logit soft-capping (softcap={softcap})")
     for name in ("s_aux", "sinks", "attention_sinks", "head_mask"):
@@ -27,8 +30,9 @@ def _check_unsupported(dropout, sliding_window, softcap, kwargs) -> None:
             raise ValueError(f"vskip attention does not support `{name}`")
 
 
-def vskip_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            sliding_window=None, softcap=None, **kwargs):
+def vskip_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None, **kwargs
+):
     """transformers attention-interface entry: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (full cache)."""
     state = getattr(module, "_vskip_state", None)
     if state is None or not state.active:
@@ -40,17 +44,35 @@ def vskip_attention_forward(module, query, key, value, attention_mask, scaling=N
     policy = state.policy(layer)
     key, value, is_visual, mask = state.masks_for(query, key, value, attention_mask, layer)
     sched = state.schedule_for(is_visual, mask, query, policy)
-    out = modality_attention(query, key, value, is_visual, policy=policy, attention_mask=mask, softmax_scale=scaling,
-                             schedule=sched, backend=state.backend)
+    out = modality_attention(
+        query,
+        key,
+        value,
+        is_visual,
+        policy=policy,
+        attention_mask=mask,
+        softmax_scale=scaling,
+        schedule=sched,
+        backend=state.backend,
+    )
     if state.recorders:
-        mass = visual_attention_mass(query, key, is_visual, policy=policy, attention_mask=mask, softmax_scale=scaling,
-                                     query_positions=[-1], backend=state.backend)
+        mass = visual_attention_mass(
+            query,
+            key,
+            is_visual,
+            policy=policy,
+            attention_mask=mask,
+            softmax_scale=scaling,
+            query_positions=[-1],
+            backend=state.backend,
+        )
         state.record(layer, mass[:, :, 0])
     return out.transpose(1, 2).contiguous(), None
 
 
-def vskip_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
-               **kwargs):
+def vskip_mask(
+    batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None, **kwargs
+):
     """transformers mask-interface entry: the 2-D boolean padding mask over the kv_length keys, or None."""
     if not compat.is_plain_causal(mask_function):
         raise ValueError(

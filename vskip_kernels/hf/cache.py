@@ -7,6 +7,7 @@ step. Beam search reorders the cache with ``reorder_cache``; the visual history 
 reordered with it. Only the given cache object is changed, and the redirection stops
 when the patch is removed.
 """
+
 from __future__ import annotations
 
 import types

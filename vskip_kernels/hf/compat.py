@@ -11,6 +11,7 @@ holds, and what counts as a decode step. Nothing else in the package names
 outside it gets one warning naming the range; a release that removes something this
 module needs gets an error naming the release and the feature, never a wrong answer.
 """
+
 from __future__ import annotations
 
 import functools
@@ -226,7 +227,7 @@ def padding_mask_2d(attention_mask: torch.Tensor, kv_length: int, kv_offset: int
     mask = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if mask is None:  # only for attention_mask None, which the caller has ruled out
         raise TransformersCompatError("prepare_padding_mask returned None for a given attention_mask")
-    return mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+    return mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
 
 
 # Keywords VLM forwards take image or video inputs under (LLaVA*, Qwen2-VL, Qwen2.5-VL).

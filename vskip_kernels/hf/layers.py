@@ -4,6 +4,7 @@ The patch overrides ``forward`` on the layer *instance* (``remove()`` deletes th
 override): module objects, parameter names, ``state_dict`` keys and any hooks
 transformers installed on the layer (e.g. hidden-state capture) stay as they are.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -83,18 +84,21 @@ class LayerPatch:
         is_visual, ctx_mask = st.current_visual()
         L = is_visual.shape[1]
         if is_visual.shape[0] != b or n > L:
-            raise ValueError(f"the visual mask is {tuple(is_visual.shape)} but layer {self.idx} got hidden states "
-                             f"{tuple(hidden_states.shape)}")
-        q_vis = is_visual[:, L - n:].to(hidden_states.device)
+            raise ValueError(
+                f"the visual mask is {tuple(is_visual.shape)} but layer {self.idx} got hidden states "
+                f"{tuple(hidden_states.shape)}"
+            )
+        q_vis = is_visual[:, L - n :].to(hidden_states.device)
         mask2d = kw.get("attention_mask")
         if mask2d is None:
             mask2d = ctx_mask
         real = q_vis.new_ones(q_vis.shape)
         if mask2d is not None:
             if not isinstance(mask2d, torch.Tensor) or mask2d.dim() != 2 or mask2d.shape[1] < L:
-                raise ValueError("frozen layers expect the 2-D padding mask [B, >= Nk]; got "
-                                 f"{tuple(getattr(mask2d, 'shape', ()))}")
-            real = mask2d[:, L - n:L].to(hidden_states.device).bool()
+                raise ValueError(
+                    f"frozen layers expect the 2-D padding mask [B, >= Nk]; got {tuple(getattr(mask2d, 'shape', ()))}"
+                )
+            real = mask2d[:, L - n : L].to(hidden_states.device).bool()
         compute = (~q_vis) & real
         if bool(compute.all()):
             return self.orig(hidden_states, **kw)
@@ -122,11 +126,28 @@ class LayerPatch:
         q = qt.new_zeros(b * n, hq, d).index_copy(0, rows, qt).view(b, n, hq, d).transpose(1, 2)
         k, v, is_vis_k, mask = st.masks_for(q, k, v, mask2d, self.idx)
         sched = st.schedule_for(is_vis_k, mask, q, "frozen")
-        out = modality_attention(q, k, v, is_vis_k, policy="frozen", attention_mask=mask,
-                                 softmax_scale=attn.scaling, schedule=sched, backend=st.backend)
+        out = modality_attention(
+            q,
+            k,
+            v,
+            is_vis_k,
+            policy="frozen",
+            attention_mask=mask,
+            softmax_scale=attn.scaling,
+            schedule=sched,
+            backend=st.backend,
+        )
         if st.recorders:
-            mass = visual_attention_mass(q, k, is_vis_k, policy="frozen", attention_mask=mask,
-                                         softmax_scale=attn.scaling, query_positions=[-1], backend=st.backend)
+            mass = visual_attention_mass(
+                q,
+                k,
+                is_vis_k,
+                policy="frozen",
+                attention_mask=mask,
+                softmax_scale=attn.scaling,
+                query_positions=[-1],
+                backend=st.backend,
+            )
             st.record(self.idx, mass[:, :, 0])
         ot = out.transpose(1, 2).reshape(b * n, hq * d).index_select(0, rows)
         h = hidden_states.reshape(b * n, hdim).index_select(0, rows) + attn.o_proj(ot)

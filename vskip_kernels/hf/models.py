@@ -1,4 +1,5 @@
 """Where the language model, its decoder layers and its visual token ids live in each family."""
+
 from __future__ import annotations
 
 from typing import Any, cast

@@ -1,4 +1,5 @@
 """``apply_skip_plan``: one reversible call that puts a SkipPlan into a transformers model."""
+
 from __future__ import annotations
 
 import contextlib
@@ -101,13 +102,17 @@ class SkipHandle:
         see). attention_mask: optional 2-D padding mask of the same shape."""
         self._check_live()
         if not isinstance(is_visual, torch.Tensor) or is_visual.dtype != torch.bool or is_visual.dim() != 2:
-            raise ValueError(f"is_visual must be a bool tensor [B, N], got "
-                             f"{getattr(is_visual, 'dtype', type(is_visual).__name__)} "
-                             f"{tuple(getattr(is_visual, 'shape', ()))}")
+            raise ValueError(
+                f"is_visual must be a bool tensor [B, N], got "
+                f"{getattr(is_visual, 'dtype', type(is_visual).__name__)} "
+                f"{tuple(getattr(is_visual, 'shape', ()))}"
+            )
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(is_visual.shape):
-                raise ValueError(f"attention_mask must be a 2-D tensor shaped like is_visual {tuple(is_visual.shape)}, "
-                                 f"got {tuple(getattr(attention_mask, 'shape', ()))}")
+                raise ValueError(
+                    f"attention_mask must be a 2-D tensor shaped like is_visual {tuple(is_visual.shape)}, "
+                    f"got {tuple(getattr(attention_mask, 'shape', ()))}"
+                )
             attention_mask = attention_mask.bool()
         prev = self._state.context
         self._state.context = (is_visual, attention_mask)

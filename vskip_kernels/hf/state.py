@@ -3,6 +3,7 @@
 One ``SkipState`` per ``apply_skip_plan`` call, reached from the patched modules through
 attributes, so two patched models never share it.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -80,10 +81,15 @@ class SkipState:
         b, nq, nk = query.shape[0], query.shape[2], key.shape[2]
         L = is_visual.shape[1]
         if is_visual.shape[0] != b:
-            raise ValueError(f"the visual mask covers {is_visual.shape[0]} sequences but layer {layer} got a batch of {b}")
+            raise ValueError(
+                f"the visual mask covers {is_visual.shape[0]} sequences but layer {layer} got a batch of {b}"
+            )
         if nk < L:
-            hint = (" (a decode-bypassed layer missed decode steps; it cannot run again on a cache that kept growing)"
-                    if self.bypassed(layer) else "")
+            hint = (
+                " (a decode-bypassed layer missed decode steps; it cannot run again on a cache that kept growing)"
+                if self.bypassed(layer)
+                else ""
+            )
             raise ValueError(f"layer {layer} has {nk} keys but the sequence has {L} positions{hint}")
         if nq > L:
             raise ValueError(f"layer {layer} has {nq} queries but the visual mask covers only {L} positions")

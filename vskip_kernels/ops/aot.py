@@ -7,6 +7,7 @@ full, and ``compile_spec`` compiles one spec for a ``GPUTarget`` and reports its
 memory, which the tests check against each architecture's limit. Nothing in the
 package imports this module.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -23,8 +24,9 @@ def compile_spec(spec: AotSpec, cc: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=_jit_function(spec.fn), signature=spec.signature, constexprs=spec.constexprs,
-                    attrs=spec.attrs or None)
+    src = ASTSource(
+        fn=_jit_function(spec.fn), signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs or None
+    )
     return triton.compile(
         src,
         target=GPUTarget("cuda", cc, 32),

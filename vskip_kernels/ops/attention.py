@@ -3,6 +3,7 @@
 Both go through the ``vskip::modality_attention`` custom op so a compiled model
 does not graph-break on them.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,11 +52,13 @@ def _modality_attention_op(
         from .triton import attention as triton_attention
         from .triton import decode as triton_decode
 
-        sched = Schedule(kind, full_cnt, full_idx, part_cnt, part_idx, q.shape[2], k.shape[2], policy,
-                         visual_self, block_m, block_n)
+        sched = Schedule(
+            kind, full_cnt, full_idx, part_cnt, part_idx, q.shape[2], k.shape[2], policy, visual_self, block_m, block_n
+        )
         # few queries against the cache: one tile per head could not fill the GPU, so split the keys
-        forward = triton_decode.decode_forward if triton_decode.use_decode_path(q, k) else \
-            triton_attention.prefill_forward
+        forward = (
+            triton_decode.decode_forward if triton_decode.use_decode_path(q, k) else triton_attention.prefill_forward
+        )
         out, mass, lse = forward(q, k, v, sched, softmax_scale, want_mass, want_lse)
     else:
         from .pytorch import attention as torch_backend
@@ -64,13 +67,32 @@ def _modality_attention_op(
             q, k, v, kind, policy, visual_self, softmax_scale, want_mass, want_lse
         )
     # distinct placeholders: a custom op may not return the same tensor twice
-    return (out, mass if want_mass else q.new_empty(0, dtype=torch.float32),
-            lse if want_lse else q.new_empty(0, dtype=torch.float32))
+    return (
+        out,
+        mass if want_mass else q.new_empty(0, dtype=torch.float32),
+        lse if want_lse else q.new_empty(0, dtype=torch.float32),
+    )
 
 
 @_modality_attention_op.register_fake
-def _(q, k, v, kind, full_cnt, full_idx, part_cnt, part_idx, policy_code, visual_self, softmax_scale,
-      block_m, block_n, want_mass, want_lse, backend):
+def _(
+    q,
+    k,
+    v,
+    kind,
+    full_cnt,
+    full_idx,
+    part_cnt,
+    part_idx,
+    policy_code,
+    visual_self,
+    softmax_scale,
+    block_m,
+    block_n,
+    want_mass,
+    want_lse,
+    backend,
+):
     def stat(wanted):
         return q.new_empty(q.shape[:3] if wanted else (0,), dtype=torch.float32)
 
@@ -228,8 +250,9 @@ def modality_attention(
             raise ValueError(f"schedule is on {schedule.kind.device} but q is on {q.device}")
     elif backend == "triton":
         bm, bn = default_block_sizes(q, backend)
-        schedule = plan_schedule(is_visual, attention_mask, nq=nq, policy=policy, visual_self=visual_self,
-                                 block_m=bm, block_n=bn)
+        schedule = plan_schedule(
+            is_visual, attention_mask, nq=nq, policy=policy, visual_self=visual_self, block_m=bm, block_n=bn
+        )
     if schedule is None:
         kind = token_kind(is_visual, attention_mask)
         none = kind.new_empty(0, dtype=torch.int32)
@@ -239,8 +262,18 @@ def modality_attention(
         tensors = (schedule.kind, schedule.full_cnt, schedule.full_idx, schedule.part_cnt, schedule.part_idx)
         bm, bn = schedule.block_m, schedule.block_n
     out, mass, lse = _modality_attention_op(
-        q, k, v, *tensors, POLICY_CODES[policy], bool(visual_self), scale, bm, bn,
-        bool(return_visual_mass), bool(return_lse), backend,
+        q,
+        k,
+        v,
+        *tensors,
+        POLICY_CODES[policy],
+        bool(visual_self),
+        scale,
+        bm,
+        bn,
+        bool(return_visual_mass),
+        bool(return_lse),
+        backend,
     )
     return _pack_results(out, mass, lse, return_visual_mass, return_lse)
 
@@ -249,8 +282,10 @@ def _check_cu_seqlens(name, cu, total, batch=None):
     if isinstance(cu, torch.Tensor) and cu.dim() == 1 and cu.numel() == 1:
         raise ValueError(f"empty batch: {name} = {cu.tolist()} describes no sequence; it must be [B + 1] with B >= 1")
     if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-        raise ValueError(f"{name} must be a 1-D int32 tensor [B + 1], got {getattr(cu, 'dtype', type(cu))} "
-                         f"{tuple(getattr(cu, 'shape', ()))}")
+        raise ValueError(
+            f"{name} must be a 1-D int32 tensor [B + 1], got {getattr(cu, 'dtype', type(cu))} "
+            f"{tuple(getattr(cu, 'shape', ()))}"
+        )
     if batch is not None and cu.numel() != batch + 1:
         raise ValueError(f"{name} has {cu.numel() - 1} sequences, cu_seqlens_q has {batch}")
     c = cu.tolist()
@@ -260,9 +295,23 @@ def _check_cu_seqlens(name, cu, total, batch=None):
 
 
 def modality_attention_varlen(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_visual, *,
-    policy="vskip", attention_mask=None, visual_self=True, softmax_scale=None,
-    return_visual_mass=False, return_lse=False, schedule=None, backend="auto",
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    is_visual,
+    *,
+    policy="vskip",
+    attention_mask=None,
+    visual_self=True,
+    softmax_scale=None,
+    return_visual_mass=False,
+    return_lse=False,
+    schedule=None,
+    backend="auto",
 ):
     """flash-attn's packed layout: q [total_q, Hq, D], k/v [total_k, Hkv, D], int32 cu_seqlens,
     is_visual bool [total_k]. Sequence i's queries are the last (len_q_i) of its len_k_i keys.
@@ -276,8 +325,9 @@ def modality_attention_varlen(
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be packed [total, H, D], got {tuple(getattr(t, 'shape', ()))}")
     if not isinstance(is_visual, torch.Tensor) or is_visual.dim() != 1 or is_visual.shape[0] != k.shape[0]:
-        raise ValueError(f"is_visual must be a bool tensor [total_k] = [{k.shape[0]}], got "
-                         f"{tuple(getattr(is_visual, 'shape', ()))}")
+        raise ValueError(
+            f"is_visual must be a bool tensor [total_k] = [{k.shape[0]}], got {tuple(getattr(is_visual, 'shape', ()))}"
+        )
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(is_visual.shape):
         raise ValueError(f"attention_mask must be [total_k] = [{k.shape[0]}], got {tuple(attention_mask.shape)}")
     cq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
@@ -289,8 +339,9 @@ def modality_attention_varlen(
             raise ValueError(f"sequence {i} has {a} queries but only {b} keys")
     mq, mk = max(lq), max(lk)
     if mq > max_seqlen_q or mk > max_seqlen_k:
-        raise ValueError(f"max_seqlen_q/max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are below the real "
-                         f"maxima ({mq}, {mk})")
+        raise ValueError(
+            f"max_seqlen_q/max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are below the real maxima ({mq}, {mk})"
+        )
     mq, mk = max(mq, 1), max(mk, 1)
     mk = max(mk, mq)
     qi, ki, vis_b, am_b = varlen_layout(cu_seqlens_q, cu_seqlens_k, mq, mk, is_visual, attention_mask)
@@ -301,9 +352,18 @@ def modality_attention_varlen(
     qb[qi], kb[ki], vb[ki] = q, k, v
     to4 = lambda t, n: t.view(bsz, n, t.shape[1], t.shape[2]).transpose(1, 2)
     res = modality_attention(
-        to4(qb, mq), to4(kb, mk), to4(vb, mk), vis_b, policy=policy, attention_mask=am_b,
-        visual_self=visual_self, softmax_scale=softmax_scale, return_visual_mass=return_visual_mass,
-        return_lse=return_lse, schedule=schedule, backend=backend,
+        to4(qb, mq),
+        to4(kb, mk),
+        to4(vb, mk),
+        vis_b,
+        policy=policy,
+        attention_mask=am_b,
+        visual_self=visual_self,
+        softmax_scale=softmax_scale,
+        return_visual_mass=return_visual_mass,
+        return_lse=return_lse,
+        schedule=schedule,
+        backend=backend,
     )
     res = res if isinstance(res, tuple) else (res,)
     out = res[0].transpose(1, 2).reshape(bsz * mq, q.shape[1], q.shape[2])[qi]

@@ -1,4 +1,5 @@
 """Backend choice shared by the public ops."""
+
 from __future__ import annotations
 
 import os

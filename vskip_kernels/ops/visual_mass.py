@@ -1,4 +1,5 @@
 """Public visual-attention-mass reduction (FlashVLM's A_v), one pass, no N x N buffer."""
+
 from __future__ import annotations
 
 import math
@@ -73,9 +74,13 @@ def visual_attention_mass(
         if idx.dim() == 0:
             idx = idx[None]
         if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.numel() == 0:
-            raise ValueError(f"query_positions must be a non-empty 1-D list of integer query indices, got {query_positions!r}")
+            raise ValueError(
+                f"query_positions must be a non-empty 1-D list of integer query indices, got {query_positions!r}"
+            )
         if bool(((idx < -nq) | (idx >= nq)).any()):
-            raise ValueError(f"query_positions must be in [-{nq}, {nq}) (indices into the Nq={nq} queries), got {idx.tolist()}")
+            raise ValueError(
+                f"query_positions must be in [-{nq}, {nq}) (indices into the Nq={nq} queries), got {idx.tolist()}"
+            )
         idx = torch.remainder(idx.long(), nq)
         q = q.index_select(2, idx)
     q_pos = (idx + (nk - nq)).to(torch.int32).contiguous()

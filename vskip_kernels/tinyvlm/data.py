@@ -1,4 +1,5 @@
 """Model inputs for task samples: prompts through the processor, answers as token ids."""
+
 from __future__ import annotations
 
 import torch
@@ -51,7 +52,7 @@ def encode_training(processor, batch: list[Sample], *, text_only: bool = False) 
     width = labels.shape[1]
     for i, s in enumerate(batch):
         n = len(tok(s.answer, add_special_tokens=False)["input_ids"]) + 1
-        labels[i, width - n:] = enc["input_ids"][i, width - n:]
+        labels[i, width - n :] = enc["input_ids"][i, width - n :]
     enc["labels"] = labels
     return enc
 

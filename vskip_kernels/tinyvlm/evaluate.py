@@ -2,6 +2,7 @@
 
 An answer is right when the greedy output, up to EOS, is exactly the answer string.
 """
+
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -34,9 +35,10 @@ def prepare_inputs(batch: dict, model) -> dict:
 def generate_answers(model, processor, batch: list[Sample], max_new_tokens: int = 10) -> tuple[list[str], torch.Tensor]:
     """(answers, generated token ids [B, max_new_tokens]) by greedy decoding."""
     inputs = prepare_inputs(encode_prompts(processor, batch), model)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=SPECIALS.index("<pad>"),
-                         eos_token_id=EOS)
-    gen = out[:, inputs["input_ids"].shape[1]:]
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=SPECIALS.index("<pad>"), eos_token_id=EOS
+    )
+    gen = out[:, inputs["input_ids"].shape[1] :]
     if gen.shape[1] < max_new_tokens:  # every row stopped early: pad so callers can compare runs
         gen = torch.cat([gen, gen.new_full((gen.shape[0], max_new_tokens - gen.shape[1]), SPECIALS.index("<pad>"))], 1)
     return [decode_answer(processor.tokenizer, g) for g in gen], gen
@@ -62,13 +64,15 @@ def accuracy(model, processor, split, start: int, count: int, batch_size: int = 
     total: Counter[str] = Counter()
     data = samples(split, start, count)
     for i in range(0, len(data), batch_size):
-        chunk = data[i:i + batch_size]
+        chunk = data[i : i + batch_size]
         answers, _ = generate_answers(model, processor, chunk)
         for s, a in zip(chunk, answers):
             total[s.qtype] += 1
             right[s.qtype] += a == s.answer
-    return {"accuracy": sum(right.values()) / max(sum(total.values()), 1),
-            "per_type": {t: right[t] / total[t] for t in total}}
+    return {
+        "accuracy": sum(right.values()) / max(sum(total.values()), 1),
+        "per_type": {t: right[t] / total[t] for t in total},
+    }
 
 
 def question_prior_accuracy(train: list[Sample], test: list[Sample]) -> float:

@@ -5,6 +5,7 @@ decoder), so everything that works on a LLaVA-1.5 checkpoint (``apply_skip_plan`
 ``calibrate``, ``generate``, ``from_pretrained``) works on it unchanged. The trained
 weights, config and processor ship in ``weights/`` next to this file.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,19 @@ CHAT_TEMPLATE = (
     "{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
 )
 # Default architecture: 12 decoder layers so that which layers a plan picks matters.
-ARCH = dict(layers=12, hidden=64, heads=4, kv_heads=2, ffn=192, vision_hidden=64, vision_layers=2, vision_heads=2,
-            vision_ffn=128, initializer_range=0.08, vision_initializer_range=0.02)
+ARCH = dict(
+    layers=12,
+    hidden=64,
+    heads=4,
+    kv_heads=2,
+    ffn=192,
+    vision_hidden=64,
+    vision_layers=2,
+    vision_heads=2,
+    vision_ffn=128,
+    initializer_range=0.08,
+    vision_initializer_range=0.02,
+)
 
 
 def word_tokens() -> list[str]:
@@ -55,8 +67,15 @@ def build_tokenizer():
     vocab = {t: i for i, t in enumerate(SPECIALS + CHARS + words)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(map(re.escape, words)) + r"|[\s\S]"), "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", additional_special_tokens=["<image>"], padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+        padding_side="left",
+    )
 
 
 def build_processor():
@@ -70,9 +89,14 @@ def build_processor():
         from transformers import CLIPImageProcessorPil as CLIPImageProcessor
     images = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
     # The vision tower emits a CLS token that the "default" strategy drops: + 1 - 1.
-    return LlavaProcessor(image_processor=images, tokenizer=build_tokenizer(), patch_size=PATCH,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE)
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=build_tokenizer(),
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def build_config(num_layers: int | None = None, **arch):
@@ -87,17 +111,37 @@ def build_config(num_layers: int | None = None, **arch):
         a["layers"] = num_layers
     if isinstance(a["layers"], bool) or not isinstance(a["layers"], int) or a["layers"] < 1:
         raise ValueError(f"num_layers must be a positive int, got {a['layers']!r}")
-    text = LlamaConfig(vocab_size=len(SPECIALS) + len(CHARS) + len(word_tokens()), hidden_size=a["hidden"], intermediate_size=a["ffn"],
-                       num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
-                       num_key_value_heads=a["kv_heads"], max_position_embeddings=256, pad_token_id=PAD,
-                       bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False,
-                       initializer_range=a["initializer_range"])
-    vision = CLIPVisionConfig(hidden_size=a["vision_hidden"], intermediate_size=a["vision_ffn"],
-                              num_hidden_layers=a["vision_layers"], num_attention_heads=a["vision_heads"],
-                              image_size=IMAGE, patch_size=PATCH,
-                              initializer_range=a["vision_initializer_range"])
-    return LlavaConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,  # type: ignore[call-arg]
-                       vision_feature_select_strategy="default", vision_feature_layer=-1, pad_token_id=PAD)
+    text = LlamaConfig(
+        vocab_size=len(SPECIALS) + len(CHARS) + len(word_tokens()),
+        hidden_size=a["hidden"],
+        intermediate_size=a["ffn"],
+        num_hidden_layers=a["layers"],
+        num_attention_heads=a["heads"],
+        num_key_value_heads=a["kv_heads"],
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        tie_word_embeddings=False,
+        initializer_range=a["initializer_range"],
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=a["vision_hidden"],
+        intermediate_size=a["vision_ffn"],
+        num_hidden_layers=a["vision_layers"],
+        num_attention_heads=a["vision_heads"],
+        image_size=IMAGE,
+        patch_size=PATCH,
+        initializer_range=a["vision_initializer_range"],
+    )
+    return LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,  # type: ignore[call-arg]
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        pad_token_id=PAD,
+    )
 
 
 def build_model(num_layers: int | None = None, seed: int = 0, **arch):
@@ -119,8 +163,10 @@ def load_pretrained(path: str | None = None, device=None, dtype=torch.float32):
 
     path = path or WEIGHTS_DIR
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise FileNotFoundError(f"no trained tiny VLM in {path} (model.safetensors missing); "
-                                "train one with `python -m vskip_kernels.tinyvlm.train`")
+        raise FileNotFoundError(
+            f"no trained tiny VLM in {path} (model.safetensors missing); "
+            "train one with `python -m vskip_kernels.tinyvlm.train`"
+        )
     logging.disable_progress_bar()  # a loading bar per call would clutter the demo's output
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
     if device is not None:

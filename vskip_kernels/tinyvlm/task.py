@@ -9,6 +9,7 @@ says nothing about the answer beyond its type (the text-only control measures th
 Samples are a pure function of (split, index): the same split and index always give
 the same image, question and answer, on any machine.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,13 @@ SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 # "blue"/"black" share a prefix, as do "circle"/"cross" and "two"/"three": the answer is
 # then not settled by its first token, so decode steps (and decode bypass) matter.
-COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (235, 220, 50),
-           "black": (0, 0, 0)}
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 240),
+    "yellow": (235, 220, 50),
+    "black": (0, 0, 0),
+}
 # The background is CLIP's mean pixel, which the processor maps to zero: background patches
 # then embed to almost nothing and the few object tokens are not drowned out by 60 loud
 # background tokens (on black, the model did not learn to look in 1000 steps).
@@ -39,9 +45,14 @@ COUNTS = ("zero", "one", "two", "three")
 QUADRANTS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
 
 # Every word the question templates below use (the tokenizer gives each its own token).
-QUESTION_WORDS = tuple(sorted({"what", "colour", "is", "the", "size", "how", "many", "left", "of", "at"}
-                              | set(SHAPES) | set(PLURALS.values())
-                              | {w for q in QUADRANTS for w in q.split()}))
+QUESTION_WORDS = tuple(
+    sorted(
+        {"what", "colour", "is", "the", "size", "how", "many", "left", "of", "at"}
+        | set(SHAPES)
+        | set(PLURALS.values())
+        | {w for q in QUADRANTS for w in q.split()}
+    )
+)
 
 QUESTION_TYPES = ("colour", "count", "relation", "position", "size")
 ANSWERS = {
@@ -125,8 +136,13 @@ def sample(split, index: int) -> Sample:
     if qtype in ("colour", "size"):
         kind = _pick(rng, SHAPES)
         target = _place(rng, [kind], taken)[0]
-        target = Shape(kind, answer if qtype == "colour" else target.colour,
-                       answer if qtype == "size" else target.size, target.row, target.col)
+        target = Shape(
+            kind,
+            answer if qtype == "colour" else target.colour,
+            answer if qtype == "size" else target.size,
+            target.row,
+            target.col,
+        )
         shapes = [target] + _distractors(rng, {kind}, 1, 4, taken)
         question = f"what colour is the {kind}?" if qtype == "colour" else f"what size is the {kind}?"
     elif qtype == "count":
@@ -141,8 +157,10 @@ def sample(split, index: int) -> Sample:
             ca, cb = cb, ca
         ra, rb = (int(x) for x in rng.integers(0, GRID, 2))
         taken.update({(ra, ca), (rb, cb)})
-        shapes = [Shape(a, _pick(rng, tuple(COLOURS)), _pick(rng, tuple(SIZES)), ra, ca),
-                  Shape(b, _pick(rng, tuple(COLOURS)), _pick(rng, tuple(SIZES)), rb, cb)]
+        shapes = [
+            Shape(a, _pick(rng, tuple(COLOURS)), _pick(rng, tuple(SIZES)), ra, ca),
+            Shape(b, _pick(rng, tuple(COLOURS)), _pick(rng, tuple(SIZES)), rb, cb),
+        ]
         shapes += _distractors(rng, {a, b}, 0, 3, taken)
         question = f"is the {a} left of the {b}?"
     else:  # position: exactly one shape in the asked quadrant
@@ -176,8 +194,13 @@ def scene_questions(shapes) -> list[tuple[str, str, str]]:
     for a in SHAPES:
         for b in SHAPES:
             if a != b and len(by_kind[a]) == len(by_kind[b]) == 1 and by_kind[a][0].col != by_kind[b][0].col:
-                out.append((f"is the {a} left of the {b}?", "yes" if by_kind[a][0].col < by_kind[b][0].col else "no",
-                            "relation"))
+                out.append(
+                    (
+                        f"is the {a} left of the {b}?",
+                        "yes" if by_kind[a][0].col < by_kind[b][0].col else "no",
+                        "relation",
+                    )
+                )
     half = GRID // 2
     for where, (qr, qc) in QUADRANTS.items():
         inside = [s for s in shapes if (s.row // half, s.col // half) == (qr, qc)]

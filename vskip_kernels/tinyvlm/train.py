@@ -5,6 +5,7 @@
 Step s trains on training samples [s * batch, (s + 1) * batch): fresh scenes every step,
 so the model cannot memorise them. Same seed, steps and thread count give the same weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,11 +53,26 @@ def probe_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return total / len(losses)
 
 
-def train(*, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 2e-3, warmup: int = 100,
-          threads: int = 1, out: str | None = None, log_every: int = 50, eval_every: int = 100,
-          arch: dict | None = None, eval_samples: int = EVAL_SAMPLES, command: str | None = None,
-          init: str | None = None, first_sample: int = 0, questions: int = 4, probe_weight: float = 1.0,
-          log=print) -> dict:
+def train(
+    *,
+    seed: int = 0,
+    steps: int = 2000,
+    batch: int = 32,
+    lr: float = 2e-3,
+    warmup: int = 100,
+    threads: int = 1,
+    out: str | None = None,
+    log_every: int = 50,
+    eval_every: int = 100,
+    arch: dict | None = None,
+    eval_samples: int = EVAL_SAMPLES,
+    command: str | None = None,
+    init: str | None = None,
+    first_sample: int = 0,
+    questions: int = 4,
+    probe_weight: float = 1.0,
+    log=print,
+) -> dict:
     """Train (or, with ``init``, continue training) and return the training record.
 
     init: a folder an earlier run saved; training continues from its weights (a second
@@ -96,8 +112,9 @@ def train(*, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 2e-3
     params = list(model.named_parameters()) + [("probe." + n, p) for n, p in probe.named_parameters()]
     decay = [p for n, p in params if p.dim() > 1 and "embed" not in n]
     other = [p for n, p in params if not (p.dim() > 1 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
+    )
     t0 = time.time()
     running = None
     for step in range(steps):
@@ -116,28 +133,42 @@ def train(*, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 2e-3
         now = torch.stack([lm_loss.detach(), loss.detach() - lm_loss.detach()])
         running = now if running is None else 0.9 * running + 0.1 * now
         if (step + 1) % log_every == 0:
-            log(f"step {step + 1}/{steps} loss {running[0]:.4f} probe {running[1]:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{time.time() - t0:.0f}s")
+            log(
+                f"step {step + 1}/{steps} loss {running[0]:.4f} probe {running[1]:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{time.time() - t0:.0f}s"
+            )
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             model.eval()
             held_out = samples("eval", 0, 200)
             ok = teacher_forced_correct(model, processor, held_out).tolist()
-            per_type = " ".join(f"{t} {sum(o for o, s in zip(ok, held_out) if s.qtype == t) / max(sum(s.qtype == t for s in held_out), 1):.2f}"
-                                for t in QUESTION_TYPES)
+            per_type = " ".join(
+                f"{t} {sum(o for o, s in zip(ok, held_out) if s.qtype == t) / max(sum(s.qtype == t for s in held_out), 1):.2f}"
+                for t in QUESTION_TYPES
+            )
             log(f"step {step + 1}: eval accuracy (200, teacher-forced) {sum(ok) / len(ok):.3f} ({per_type})")
             model.train()
     minutes = (time.time() - t0) / 60
     hook.remove()
     model.eval()
     acc = accuracy(model, processor, "eval", 0, eval_samples)
-    prior = question_prior_accuracy(samples("train", 0, first_sample + steps * batch),
-                                    samples("eval", 0, eval_samples))
+    prior = question_prior_accuracy(samples("train", 0, first_sample + steps * batch), samples("eval", 0, eval_samples))
     record = {
-        "seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "threads": threads,
-        "train_minutes": round(minutes, 1), "eval_samples": eval_samples, "arch": arch or {},
-        "eval_accuracy": acc["accuracy"], "eval_accuracy_per_type": acc["per_type"],
+        "seed": seed,
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "warmup": warmup,
+        "threads": threads,
+        "train_minutes": round(minutes, 1),
+        "eval_samples": eval_samples,
+        "arch": arch or {},
+        "eval_accuracy": acc["accuracy"],
+        "eval_accuracy_per_type": acc["per_type"],
         "text_only_question_prior_accuracy": prior,
-        "command": command, "first_sample": first_sample, "questions": questions, "probe_weight": probe_weight,
+        "command": command,
+        "first_sample": first_sample,
+        "questions": questions,
+        "probe_weight": probe_weight,
     }
     if previous is not None:
         record["previous_stage"] = previous
@@ -173,11 +204,24 @@ def main(argv=None) -> int:
     p.add_argument("--questions", type=int, default=4, help="question/answer turns per training image")
     p.add_argument("--probe-weight", type=float, default=1.0, help="weight of the visual-token probe loss (0: off)")
     a = p.parse_args(argv)
-    train(seed=a.seed, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, threads=a.threads, out=a.out,
-          eval_every=a.eval_every, log_every=a.log_every, arch={k: v for k, v in (("hidden", a.hidden), ("ffn", a.ffn), ("kv_heads", a.kv_heads))
-                                          if v is not None},
-          command=" ".join(["python -m vskip_kernels.tinyvlm.train"] + list(sys.argv[1:] if argv is None else argv)),
-          init=a.init, first_sample=a.first_sample, questions=a.questions, probe_weight=a.probe_weight, log=lambda s: print(s, flush=True))
+    train(
+        seed=a.seed,
+        steps=a.steps,
+        batch=a.batch,
+        lr=a.lr,
+        warmup=a.warmup,
+        threads=a.threads,
+        out=a.out,
+        eval_every=a.eval_every,
+        log_every=a.log_every,
+        arch={k: v for k, v in (("hidden", a.hidden), ("ffn", a.ffn), ("kv_heads", a.kv_heads)) if v is not None},
+        command=" ".join(["python -m vskip_kernels.tinyvlm.train"] + list(sys.argv[1:] if argv is None else argv)),
+        init=a.init,
+        first_sample=a.first_sample,
+        questions=a.questions,
+        probe_weight=a.probe_weight,
+        log=lambda s: print(s, flush=True),
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ vLLM loads this through the entry point ``vskip`` of the group ``vllm.general_pl
 
 Without ``vskip_plan`` (or with an empty plan) vLLM runs exactly as without the plugin.
 """
+
 from __future__ import annotations
 
 from .config import PLAN_KEY, plan_from_additional_config

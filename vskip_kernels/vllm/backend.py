@@ -12,6 +12,7 @@ Which layer runs which policy, and which cache slots hold visual tokens, come fr
 ``ModelState`` the plugin attaches to each decoder layer's ``Attention`` module. Layers of
 other kinds (encoder attention) and modules without a state fall back to the CPU backend.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -55,8 +56,15 @@ def paged_attention(q, key_cache, value_cache, md, slot_kinds, policy, scale, ou
     """Dispatch to the paged kernel for q's device: Triton on CUDA, PyTorch elsewhere.
     row_live (bool [T], optional): rows to compute; the others come out as zeros."""
     num_reqs = md.query_start_loc.shape[0] - 1
-    args = (q, key_cache, value_cache, md.block_table[:num_reqs], md.seq_lens[:num_reqs],
-            md.query_start_loc, slot_kinds)
+    args = (
+        q,
+        key_cache,
+        value_cache,
+        md.block_table[:num_reqs],
+        md.seq_lens[:num_reqs],
+        md.query_start_loc,
+        slot_kinds,
+    )
     if q.is_cuda:
         from ..ops.triton.paged import paged_attention_triton
 
@@ -67,8 +75,9 @@ def paged_attention(q, key_cache, value_cache, md, slot_kinds, policy, scale, ou
         return out
     from ..ops.pytorch.paged import paged_attention_torch
 
-    return paged_attention_torch(*args, policy=policy, softmax_scale=scale, num_reqs=num_reqs, out=out,
-                                 row_live=row_live)
+    return paged_attention_torch(
+        *args, policy=policy, softmax_scale=scale, num_reqs=num_reqs, out=out, row_live=row_live
+    )
 
 
 class VskipAttentionImpl(_BaseImpl):
@@ -85,18 +94,26 @@ class VskipAttentionImpl(_BaseImpl):
             raise NotImplementedError("the vskip plugin stores K/V as they come; fp8 KV caches are not supported")
         write_kv(key, value, kv_cache, slot_mapping)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None):
+    def forward(
+        self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None
+    ):
         st = self._vskip(layer)
         if st is None or attn_metadata is None:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+            )
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by the vskip backend")
-        if self.sliding_window not in (-1, None) or self.alibi_slopes is not None or self.logits_soft_cap or \
-                self.sinks is not None:
-            raise NotImplementedError("the vskip backend supports plain causal attention: no sliding window, "
-                                      "ALiBi, soft-capping or attention sinks")
+        if (
+            self.sliding_window not in (-1, None)
+            or self.alibi_slopes is not None
+            or self.logits_soft_cap
+            or self.sinks is not None
+        ):
+            raise NotImplementedError(
+                "the vskip backend supports plain causal attention: no sliding window, "
+                "ALiBi, soft-capping or attention sinks"
+            )
         n = attn_metadata.num_actual_tokens
         key_cache, value_cache = split_kv_cache(kv_cache)
         num_slots = key_cache.shape[0] * key_cache.shape[2]
@@ -107,8 +124,9 @@ class VskipAttentionImpl(_BaseImpl):
         if step is not None and step.any_decode and layer._vskip_bypass:
             # mixed step in a decode-bypassed layer: the decode rows' results are dropped, skip them
             row_live = ~step.decode[:n]
-        paged_attention(query[:n], key_cache, value_cache, attn_metadata, slot_kinds, policy, self.scale,
-                        output[:n], row_live)
+        paged_attention(
+            query[:n], key_cache, value_cache, attn_metadata, slot_kinds, policy, self.scale, output[:n], row_live
+        )
         return output
 
 

@@ -24,6 +24,7 @@ frozen or decode-bypass layers runs the engine eagerly (``enforce_eager``); a pl
 vskip layers keeps vLLM's compilation (attention is a graph break in vLLM, our kernels run
 outside the graph).
 """
+
 from __future__ import annotations
 
 import functools
@@ -88,8 +89,10 @@ def use_backend(on: bool) -> None:
             AttentionBackendEnum.CPU_ATTN.clear_override()
         _clear_selector_cache()
     elif on:
-        raise PlanError("the vskip vLLM backend runs on vLLM's CPU build in this release; CUDA serving through "
-                        "vLLM is not supported yet (the paged Triton kernel is, see ops/triton/paged.py)")
+        raise PlanError(
+            "the vskip vLLM backend runs on vLLM's CPU build in this release; CUDA serving through "
+            "vLLM is not supported yet (the paged Triton kernel is, see ops/triton/paged.py)"
+        )
 
 
 # ----------------------------------------------------------------------------- model structure
@@ -101,8 +104,11 @@ def attention_text_rows(attn, positions, hidden_states, text):
     ``text`` only: Q/K/V and the attention op run on every row (K/V must be written; vLLM fuses
     the Q/K/V projection), the O projection on the text rows only. Other attention classes run
     whole and are sliced."""
-    if type(attn).__name__ in _O_PROJ_SPLIT and not getattr(attn, "qk_norm", False) and \
-            all(hasattr(attn, a) for a in ("qkv_proj", "q_size", "kv_size", "rotary_emb", "attn", "o_proj")):
+    if (
+        type(attn).__name__ in _O_PROJ_SPLIT
+        and not getattr(attn, "qk_norm", False)
+        and all(hasattr(attn, a) for a in ("qkv_proj", "q_size", "kv_size", "rotary_emb", "attn", "o_proj"))
+    ):
         qkv, _ = attn.qkv_proj(hidden_states)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(positions, q, k)
@@ -137,8 +143,10 @@ def _wrap_create_engine_config(orig):
             if str(mc.dtype).replace("torch.", "") not in ("float32", "float16", "bfloat16"):
                 raise PlanError(f"the vskip backend runs float32/float16/bfloat16 models, got {mc.dtype}")
             if getattr(cfg.cache_config, "cache_dtype", "auto") != "auto":
-                raise PlanError(f"the vskip backend stores K/V in the model dtype; kv_cache_dtype="
-                                f"{cfg.cache_config.cache_dtype!r} is not supported with a plan")
+                raise PlanError(
+                    f"the vskip backend stores K/V in the model dtype; kv_cache_dtype="
+                    f"{cfg.cache_config.cache_dtype!r} is not supported with a plan"
+                )
             from vllm.platforms import current_platform
 
             if not current_platform.is_cpu():
@@ -160,8 +168,10 @@ def _decoder_layers(model):
         layers = getattr(m, "layers", None) if m is not None else None
         if layers is not None and len(layers) > 0:
             return layers
-    raise PlanError(f"cannot find the decoder layers of {type(model).__name__} (expected .language_model.model.layers "
-                    "or .model.layers)")
+    raise PlanError(
+        f"cannot find the decoder layers of {type(model).__name__} (expected .language_model.model.layers "
+        "or .model.layers)"
+    )
 
 
 def _attention_module(layer, idx):
@@ -181,16 +191,19 @@ def attach(runner, plan: SkipPlan) -> None:
     hf_config = runner.vllm_config.model_config.hf_config
     vcfg.check_plan_for_model(plan, hf_config)
     if len(layers) != plan.num_layers:
-        raise PlanError(f'additional_config["vskip_plan"]: plan has {plan.num_layers} layers, the loaded model '
-                        f"{len(layers)}")
+        raise PlanError(
+            f'additional_config["vskip_plan"]: plan has {plan.num_layers} layers, the loaded model {len(layers)}'
+        )
     names = {}
     for i, layer in enumerate(layers):
         attn = _attention_module(layer, i)
         names[i] = attn.layer_name
         impl = getattr(attn, "impl", None)
         if type(impl).__name__ != "VskipAttentionImpl":
-            raise PlanError(f"layer {i} got attention impl {type(impl).__name__}, not the vskip backend; another "
-                            "plugin or an explicit attention backend is overriding it")
+            raise PlanError(
+                f"layer {i} got attention impl {type(impl).__name__}, not the vskip backend; another "
+                "plugin or an explicit attention backend is overriding it"
+            )
     state = ModelState(plan, vcfg.visual_token_ids(hf_config), names)
     for i, layer in enumerate(layers):
         attn = _attention_module(layer, i)
@@ -203,8 +216,12 @@ def attach(runner, plan: SkipPlan) -> None:
             orig = layer.forward
             layer.forward = LayerWrapper(layer, i, state, orig, attention_text_rows)
     runner._vskip_state = state
-    logger.info("vskip: plan applied (vskip %s, frozen %s, decode bypass %s)", plan.vskip_layers,
-                plan.frozen_layers, plan.decode_bypass_layers)
+    logger.info(
+        "vskip: plan applied (vskip %s, frozen %s, decode bypass %s)",
+        plan.vskip_layers,
+        plan.frozen_layers,
+        plan.decode_bypass_layers,
+    )
 
 
 def _wrap_load_model(orig):

@@ -3,6 +3,7 @@
 Only plain data crosses this module (dicts, the transformers config): what touches vLLM's
 internals lives in ``compat.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,9 @@ def plan_from_additional_config(additional_config: Any) -> SkipPlan | None:
         return None
     if not isinstance(additional_config, dict):
         additional_config = getattr(additional_config, "__dict__", {}) or {}
-    unknown = sorted(k for k in additional_config if isinstance(k, str) and k.startswith("vskip")
-                     and k not in OPTION_KEYS)
+    unknown = sorted(
+        k for k in additional_config if isinstance(k, str) and k.startswith("vskip") and k not in OPTION_KEYS
+    )
     if unknown:
         raise PlanError(f"unknown vskip option(s) {unknown} in additional_config; the option is {PLAN_KEY!r}")
     value = additional_config.get(PLAN_KEY)
@@ -84,5 +86,6 @@ def check_plan_for_model(plan: SkipPlan, hf_config, model_name: str | None = Non
     if made_for and archs and made_for not in archs:
         raise PlanError(f"{_WHERE}: plan was made for architecture {made_for!r}, but the model is {archs[0]!r}")
     if len(plan.decode_bypass_layers) == n:
-        raise PlanError(f"{_WHERE}: decode_bypass_layers lists every decoder layer; at least one layer must run "
-                        "on decode steps")
+        raise PlanError(
+            f"{_WHERE}: decode_bypass_layers lists every decoder layer; at least one layer must run on decode steps"
+        )

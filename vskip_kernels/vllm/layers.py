@@ -8,6 +8,7 @@ when the whole step passes through).
 
 The wrapper is installed as ``forward`` on the layer *instance*; parameters and names stay.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,10 @@ _FROZEN_NEEDS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_att
 def check_frozen_capable(layer, idx: int) -> None:
     missing = [a for a in _FROZEN_NEEDS if not hasattr(layer, a)]
     if missing:
-        raise PlanError(f"frozen_layers needs a Llama-style pre-norm decoder layer; layer {idx} "
-                        f"({type(layer).__name__}) lacks {missing}")
+        raise PlanError(
+            f"frozen_layers needs a Llama-style pre-norm decoder layer; layer {idx} "
+            f"({type(layer).__name__}) lacks {missing}"
+        )
 
 
 class LayerWrapper:

@@ -15,6 +15,7 @@ generated tokens are text: ``visual_tokens.VisualTokenRule``, shared with the HF
 request's prompt length: it is a generated token. The last chunk of a chunked prompt, or the
 one prompt token left after a prefix-cache hit, is a prefill row even when it is one token.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,8 +66,14 @@ class ModelState:
         vis = self.visual_rule.is_visual(input_ids, generated)
         return torch.where(vis, KIND_VISUAL, KIND_TEXT).to(torch.int8)
 
-    def begin_step(self, input_ids: torch.Tensor, num_tokens: int, rows: int, decode_rows: torch.Tensor,
-                   slot_writes: list[tuple[torch.Tensor, torch.Tensor, int]]) -> StepInfo:
+    def begin_step(
+        self,
+        input_ids: torch.Tensor,
+        num_tokens: int,
+        rows: int,
+        decode_rows: torch.Tensor,
+        slot_writes: list[tuple[torch.Tensor, torch.Tensor, int]],
+    ) -> StepInfo:
         """input_ids [>= num_tokens]: the step's token ids; decode_rows bool [num_tokens];
         slot_writes: (kv_cache, slot_mapping, num_slots) per distinct cache of the decoder layers."""
         kinds = torch.full((rows,), KIND_TEXT, dtype=torch.int8, device=input_ids.device)
@@ -80,8 +87,9 @@ class ModelState:
         decode[:num_tokens] = decode_rows.to(decode.device)
         visual = kinds == KIND_VISUAL
         n_dec = int(decode_rows.sum())
-        self.step = StepInfo(num_tokens, kinds, visual, decode, bool(visual.any()), n_dec > 0,
-                             num_tokens > 0 and n_dec == num_tokens)
+        self.step = StepInfo(
+            num_tokens, kinds, visual, decode, bool(visual.any()), n_dec > 0, num_tokens > 0 and n_dec == num_tokens
+        )
         kind = "decode" if self.step.all_decode else ("mixed" if n_dec else "prefill")
         self.step_counts[kind] += 1
         return self.step

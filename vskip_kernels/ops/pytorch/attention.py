@@ -22,6 +22,7 @@ only rows that attend j (masked scores are overwritten with -inf); in v at key j
 every row attending j and possibly other rows of the same query chunk (0 * NaN
 in the tile's P @ V, as in any tiled kernel). Results are deterministic run to run.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -209,8 +210,19 @@ def _forward(q, k, v, kind, qpos, policy, visual_self, scale, want_out, want_mas
     """Shared driver. q [B, Hq, S, D] are queries at key positions qpos (long [S], any order)."""
     bsz, hq, s_len, d = q.shape
     if bsz * hq * s_len * k.shape[2] <= _SMALL_BUDGET:
-        return _forward_small(q, k, v, kind.to(device=q.device, dtype=torch.int8), qpos, policy, visual_self, scale,
-                              want_out, want_mass, want_lse)
+        return _forward_small(
+            q,
+            k,
+            v,
+            kind.to(device=q.device, dtype=torch.int8),
+            qpos,
+            policy,
+            visual_self,
+            scale,
+            want_out,
+            want_mass,
+            want_lse,
+        )
     dev = q.device
     out = torch.zeros_like(q) if want_out else None  # q's strides, as the fake impl (empty_like) promises
     mass = torch.zeros(bsz, hq, s_len, dtype=torch.float32, device=dev) if want_mass else None
@@ -235,8 +247,7 @@ def _forward(q, k, v, kind, qpos, policy, visual_self, scale, want_out, want_mas
     return results
 
 
-def attention_forward(q, k, v, kind, policy: str, visual_self: bool, scale: float, want_mass: bool,
-                      want_lse: bool):
+def attention_forward(q, k, v, kind, policy: str, visual_self: bool, scale: float, want_mass: bool, want_lse: bool):
     """Modality-aware causal attention; returns (out in q's dtype, mass fp32 | None, lse fp32 | None).
 
     q [B, Hq, Nq, D] are the last Nq of the Nk positions of k, v [B, Hkv, Nk, D];

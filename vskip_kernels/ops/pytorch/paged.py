@@ -16,6 +16,7 @@ every block holding no key it may attend (for ``vskip``: visual query rows skip 
 visual keys, apart from the block holding their own key), and ``frozen`` visual rows and
 rows switched off by ``row_live`` are never computed: their output is exact zeros.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,17 +44,37 @@ def check_paged_args(q, k_cache, v_cache, block_table, seq_lens, query_start_loc
         raise ValueError(f"block_table must be [requests, max_blocks], got shape {tuple(block_table.shape)}")
     r = block_table.shape[0]
     if seq_lens.shape[0] < r or query_start_loc.shape[0] < r + 1:
-        raise ValueError(f"seq_lens needs {r} entries and query_start_loc {r + 1}, got {seq_lens.shape[0]} and "
-                         f"{query_start_loc.shape[0]}")
-    if slot_kinds.dtype != torch.int8 or slot_kinds.dim() != 1 or slot_kinds.numel() < k_cache.shape[0] * k_cache.shape[2]:
-        raise ValueError(f"slot_kinds must be int8 [num_blocks * block_size >= {k_cache.shape[0] * k_cache.shape[2]}], "
-                         f"got {slot_kinds.dtype} {tuple(slot_kinds.shape)}")
+        raise ValueError(
+            f"seq_lens needs {r} entries and query_start_loc {r + 1}, got {seq_lens.shape[0]} and "
+            f"{query_start_loc.shape[0]}"
+        )
+    if (
+        slot_kinds.dtype != torch.int8
+        or slot_kinds.dim() != 1
+        or slot_kinds.numel() < k_cache.shape[0] * k_cache.shape[2]
+    ):
+        raise ValueError(
+            f"slot_kinds must be int8 [num_blocks * block_size >= {k_cache.shape[0] * k_cache.shape[2]}], "
+            f"got {slot_kinds.dtype} {tuple(slot_kinds.shape)}"
+        )
 
 
-def paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, slot_kinds, *,
-                          policy: str = "vskip", softmax_scale: float | None = None, visual_self: bool = True,
-                          row_live: torch.Tensor | None = None, num_reqs: int | None = None,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
+def paged_attention_torch(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    query_start_loc,
+    slot_kinds,
+    *,
+    policy: str = "vskip",
+    softmax_scale: float | None = None,
+    visual_self: bool = True,
+    row_live: torch.Tensor | None = None,
+    num_reqs: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Attention of packed queries ``q`` [T, Hq, D] over a paged cache; returns [T, Hq, D] in q's dtype.
 
     ``row_live`` (bool [T], optional) switches query rows off (output zeros) on top of the
@@ -65,7 +86,7 @@ def paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, query_star
     hq, d = q.shape[1], q.shape[2]
     hkv, bs = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv
-    scale = float(softmax_scale) if softmax_scale is not None else d ** -0.5
+    scale = float(softmax_scale) if softmax_scale is not None else d**-0.5
     if out is None:
         out = torch.zeros_like(q)
     else:
@@ -83,13 +104,29 @@ def paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, query_star
         nblk = -(-L // bs)
         blocks = block_table[r, :nblk].long()
         kk = kinds_by_block.index_select(0, blocks).reshape(-1)[:L]
-        _one_request(q, out, t0, L - n, n, L, blocks, kk, k_cache, v_cache, bs, hkv, g, scale, policy,
-                     visual_self, None if row_live is None else row_live[t0:t1])
+        _one_request(
+            q,
+            out,
+            t0,
+            L - n,
+            n,
+            L,
+            blocks,
+            kk,
+            k_cache,
+            v_cache,
+            bs,
+            hkv,
+            g,
+            scale,
+            policy,
+            visual_self,
+            None if row_live is None else row_live[t0:t1],
+        )
     return out
 
 
-def _one_request(q, out, t0, p0, n, L, blocks, kk, k_cache, v_cache, bs, hkv, g, scale, policy, visual_self,
-                 live_mask):
+def _one_request(q, out, t0, p0, n, L, blocks, kk, k_cache, v_cache, bs, hkv, g, scale, policy, visual_self, live_mask):
     dev = q.device
     d = q.shape[2]
     qk = kk[p0:L]
@@ -112,7 +149,7 @@ def _one_request(q, out, t0, p0, n, L, blocks, kk, k_cache, v_cache, bs, hkv, g,
     blk_start = torch.arange(nblk, device=dev) * bs
     row_list = rows.tolist()
     for c0 in range(0, len(row_list), _ROW_CHUNK):
-        r_idx = rows[c0:c0 + _ROW_CHUNK]
+        r_idx = rows[c0 : c0 + _ROW_CHUNK]
         c = r_idx.numel()
         qpos = r_idx + p0  # key position of each row
         rvis = q_vis.index_select(0, r_idx)
@@ -136,7 +173,7 @@ def _one_request(q, out, t0, p0, n, L, blocks, kk, k_cache, v_cache, bs, hkv, g,
         l = q2.new_zeros((hkv, g * c))
         acc = q2.new_zeros((hkv, g * c, d))
         for j0 in range(0, live_ids.numel(), _BLOCKS_PER_STEP):
-            ids = live_ids[j0:j0 + _BLOCKS_PER_STEP]
+            ids = live_ids[j0 : j0 + _BLOCKS_PER_STEP]
             phys = blocks.index_select(0, ids)
             kpos = (ids[:, None] * bs + torch.arange(bs, device=dev)[None, :]).reshape(-1)
             kkind = kb.index_select(0, ids).reshape(-1)
