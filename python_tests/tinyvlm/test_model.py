@@ -228,3 +228,23 @@ def test_probe_loss_reads_ordinals_as_thermometer_bits():
     shifted = target.clone()
     shifted[..., -1] = (shifted[..., -1] + 1) % 4  # every column off by one (3 wraps to 0)
     assert probe_loss(logits_for(shifted), target) > 1.0
+
+
+def test_training_defaults_are_the_shipped_recipe(record, monkeypatch):
+    """`python -m vskip_kernels.tinyvlm.train` with no flags trains what ships (training.json)."""
+    import functools
+
+    from vskip_kernels.tinyvlm import train as train_mod
+
+    seen = {}
+
+    @functools.wraps(train_mod.train)  # keeps train's signature, where main reads its defaults
+    def fake_train(**kw):
+        seen.update(kw)
+        return {}
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    train_mod.main([])
+    for key in ("seed", "steps", "batch", "lr", "warmup", "threads", "questions", "probe_weight", "first_sample"):
+        assert seen[key] == record[key], key
+    assert seen["arch"] == record["arch"] == {}
