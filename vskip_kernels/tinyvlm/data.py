@@ -81,9 +81,8 @@ def encode_training_dialogues(processor, batch: list[Sample], questions: int, rn
     The first turn is the sample's own (balanced) question, in exactly the prompt format
     evaluation uses; later turns are other questions about the same scene
     (``task.scene_questions``), drawn with ``rng`` (a numpy Generator), one question type
-    after another. Labels cover every
-    answer and its EOS. The image's 64 tokens are most of a row's cost, so more turns give
-    more signal per step for little extra time.
+    after another. Labels cover every answer and its EOS. The image's 64 tokens are most of
+    a row's cost, so more turns give more signal per step for little extra time.
     """
     from .task import scene_questions
 
