@@ -254,6 +254,13 @@ def child_env(args, extra: dict) -> dict:
     return env
 
 
+def _default_sigint():
+    """In the child, before exec: SIGINT back to its default. A shell starts background jobs
+    with SIGINT ignored, and an ignored signal survives exec; Python then installs no
+    KeyboardInterrupt handler, and a step stopped at its cap would lose its junit report."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_step(step: Step, cap_s: float, log, args) -> tuple[int | None, bool, float, list[str]]:
     """Run ``step.argv`` for at most ``cap_s`` seconds, output appended to ``log``.
 
@@ -273,6 +280,7 @@ def run_step(step: Step, cap_s: float, log, args) -> tuple[int | None, bool, flo
             text=True,
             errors="replace",
             start_new_session=True,
+            preexec_fn=_default_sigint,
         )
     except OSError as exc:
         msg = f"could not start: {exc}"
