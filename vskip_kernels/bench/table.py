@@ -26,8 +26,7 @@ import sys
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 NO_RESULTS = (
-    "_No GPU results yet._ Run `vskip bench` on a CUDA GPU, then `python bench/make_table.py` "
-    "(see bench/README.md)."
+    "_No GPU results yet._ Run `vskip bench` on a CUDA GPU, then `python bench/make_table.py` (see bench/README.md)."
 )
 SUITE_ORDER = ("attention", "visual_mass", "decode", "model")
 OURS = ("ours-triton", "ours-torch")
