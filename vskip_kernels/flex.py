@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .kinds import KIND_PAD, KIND_VISUAL, POLICIES, token_kind
+from .kinds import POLICIES, policy_allows, token_kind
 
 
 def mask_mod_from_kind(kind: torch.Tensor, policy: str = "vskip", *, nq: int | None = None, visual_self: bool = True):
@@ -28,16 +28,7 @@ def mask_mod_from_kind(kind: torch.Tensor, policy: str = "vskip", *, nq: int | N
 
     def vskip_policy(b, h, q_idx, kv_idx):
         qp = q_idx + off
-        kq, kk = kind[b, qp], kind[b, kv_idx]
-        ok = (kv_idx <= qp) & (kq != KIND_PAD) & (kk != KIND_PAD)
-        if policy == "vskip":
-            blocked = (kq == KIND_VISUAL) & (kk == KIND_VISUAL)
-            if visual_self:
-                blocked = blocked & (kv_idx != qp)
-            ok = ok & ~blocked
-        elif policy == "frozen":
-            ok = ok & (kq != KIND_VISUAL)
-        return ok
+        return policy_allows(kind[b, qp], kind[b, kv_idx], qp, kv_idx, policy, visual_self)
 
     vskip_policy.__name__ = f"vskip_{policy}"
     return vskip_policy

@@ -45,3 +45,22 @@ def token_kind(is_visual: torch.Tensor, attention_mask: torch.Tensor | None = No
     if attention_mask is not None:
         kind = torch.where(attention_mask.bool(), kind, torch.zeros_like(kind))
     return kind
+
+
+def policy_allows(query_kind, key_kind, query_pos, key_pos, policy: str, visual_self: bool = True):
+    """May a query attend a key (DESIGN.md), elementwise over broadcasting tensors.
+
+    Causal, neither side padding; under ``vskip`` a visual query sees no visual key but its
+    own (``visual_self``); under ``frozen`` a visual query sees nothing. The PyTorch backends
+    and the FlexAttention mask share this rule; the Triton kernels keep their own copy
+    (``ops/triton/masks.policy_allowed``) and the spec (``reference.py``) its independent one.
+    """
+    ok = (key_pos <= query_pos) & (query_kind != KIND_PAD) & (key_kind != KIND_PAD)
+    if policy == "vskip":
+        blocked = (query_kind == KIND_VISUAL) & (key_kind == KIND_VISUAL)
+        if visual_self:
+            blocked = blocked & (key_pos != query_pos)
+        ok = ok & ~blocked
+    elif policy == "frozen":
+        ok = ok & (query_kind != KIND_VISUAL)
+    return ok

@@ -29,7 +29,7 @@ import bisect
 
 import torch
 
-from ...kinds import KIND_PAD, KIND_TEXT, KIND_VISUAL
+from ...kinds import KIND_PAD, KIND_TEXT, KIND_VISUAL, policy_allows
 
 _KEY_CHUNK = 512
 _SCORE_BUDGET = 1 << 22  # fp32 score elements per step: bounds the working set to ~16 MiB per temporary
@@ -150,20 +150,11 @@ def _run_rows(b, q, k, v, rows, qpos, keys, scale, results, want_out, with_self)
 
 
 def _allowed(kind, qpos, policy, visual_self):
-    """bool [B, S, Nk]: may the query at qpos[s] of sequence b attend key j (the policies' rule)."""
-    nk = kind.shape[1]
-    keys = torch.arange(nk, device=kind.device)
-    causal = keys[None, :] <= qpos[:, None]
-    qk = kind.index_select(1, qpos)[:, :, None]
-    kk = kind[:, None, :]
-    q_vis = qk == KIND_VISUAL
-    unrestricted = (qk == KIND_TEXT) | (q_vis if policy == "dense" else torch.zeros_like(q_vis))
-    allowed = causal & unrestricted & (kk != KIND_PAD)
-    if policy == "vskip":
-        allowed |= causal & q_vis & (kk == KIND_TEXT)
-        if visual_self:
-            allowed |= q_vis & (keys[None, :] == qpos[:, None])
-    return allowed
+    """bool [B, S, Nk]: may the query at qpos[s] of sequence b attend key j."""
+    keys = torch.arange(kind.shape[1], device=kind.device)
+    return policy_allows(
+        kind.index_select(1, qpos)[:, :, None], kind[:, None, :], qpos[:, None], keys[None, :], policy, visual_self
+    )
 
 
 def _forward_small(q, k, v, kind, qpos, policy, visual_self, scale, want_out, want_mass, want_lse):

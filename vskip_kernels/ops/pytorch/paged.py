@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kinds import KIND_PAD, KIND_TEXT, KIND_VISUAL, POLICIES
+from ...kinds import KIND_PAD, KIND_TEXT, KIND_VISUAL, POLICIES, policy_allows
 
 _ROW_CHUNK = 256  # query rows per step
 _BLOCKS_PER_STEP = 8  # cache blocks per online-softmax step
@@ -152,7 +152,8 @@ def _one_request(q, out, t0, p0, n, L, blocks, kk, k_cache, v_cache, bs, hkv, g,
         r_idx = rows[c0 : c0 + _ROW_CHUNK]
         c = r_idx.numel()
         qpos = r_idx + p0  # key position of each row
-        rvis = q_vis.index_select(0, r_idx)
+        rkind = qk.index_select(0, r_idx)
+        rvis = rkind == KIND_VISUAL
         hi = int(qpos.max())
         # Blocks this row group may see at all: start at or before its last row, hold a real key, and
         # under vskip either hold a text key, or serve a text row, or hold one of its visual rows' own keys.
@@ -177,12 +178,7 @@ def _one_request(q, out, t0, p0, n, L, blocks, kk, k_cache, v_cache, bs, hkv, g,
             phys = blocks.index_select(0, ids)
             kpos = (ids[:, None] * bs + torch.arange(bs, device=dev)[None, :]).reshape(-1)
             kkind = kb.index_select(0, ids).reshape(-1)
-            allowed = (kpos[None, :] <= qpos[:, None]) & (kkind != KIND_PAD)[None, :]
-            if policy == "vskip":
-                blocked = rvis[:, None] & (kkind == KIND_VISUAL)[None, :]
-                if visual_self:
-                    blocked = blocked & (kpos[None, :] != qpos[:, None])
-                allowed = allowed & ~blocked
+            allowed = policy_allows(rkind[:, None], kkind[None, :], qpos[:, None], kpos[None, :], policy, visual_self)
             kc = k_cache.index_select(0, phys).permute(1, 0, 2, 3).reshape(hkv, -1, d).float()
             vc = v_cache.index_select(0, phys).permute(1, 0, 2, 3).reshape(hkv, -1, d).float()
             s = torch.matmul(q2, kc.transpose(1, 2))  # [Hkv, G*c, keys]
