@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .model import EOS, SPECIALS
-from .task import CELL, COLOURS, GRID, IMAGE, SHAPES, SIZES, Sample
+from .task import CELL, COLOURS, GRID, IMAGE, SHAPES, SIZES, Sample, scene_questions
 
 
 def prompts(processor, batch: list[Sample]) -> list[str]:
@@ -84,8 +84,6 @@ def encode_training_dialogues(processor, batch: list[Sample], questions: int, rn
     after another. Labels cover every answer and its EOS. The image's 64 tokens are most of
     a row's cost, so more turns give more signal per step for little extra time.
     """
-    from .task import scene_questions
-
     if questions < 1:
         raise ValueError(f"questions must be >= 1, got {questions!r}")
     first = encode_training(processor, batch)
