@@ -102,5 +102,7 @@ def test_production_code_does_not_import_the_spec():
 
 
 def test_the_aot_gate_is_a_leaf():
+    # the static report (ops/static.py) reads what the gate compiles; nothing imports either
     graph = _graph()
-    assert not [m for m, deps in graph.items() if "vskip_kernels.ops.aot" in deps]
+    assert not [m for m, deps in graph.items() if "vskip_kernels.ops.aot" in deps and m != "vskip_kernels.ops.static"]
+    assert not [m for m, deps in graph.items() if "vskip_kernels.ops.static" in deps]
