@@ -1,69 +1,25 @@
 """AOT compile gate: every Triton kernel configuration compiles for sm80/86/89/90 and
 fits the target's shared memory.
 
-Compilation runs in worker subprocesses without TRITON_INTERPRET: under the
-interpreter, triton.language's own @jit helpers (tl.sum, tl.max, ...) are
+Compilation runs in ``static.inspect_all``'s worker subprocesses without TRITON_INTERPRET:
+under the interpreter, triton.language's own @jit helpers (tl.sum, tl.max, ...) are
 interpreter functions and cannot be compiled. Two workers use both CI cores.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from python_tests import REPO_ROOT
-from vskip_kernels.ops import aot
+from vskip_kernels.ops import aot, static
 
 SPECS = aot.all_specs()
-JOBS = [(s.name, cc) for s in SPECS for cc in aot.TARGETS if cc in getattr(s, "targets", aot.TARGETS)]
-
-_WORKER = r"""
-import json, sys
-from vskip_kernels.ops import aot
-by_name = {s.name: s for s in aot.all_specs()}
-res = {}
-for name, cc in json.loads(sys.argv[1]):
-    try:
-        res[f"{name}@{cc}"] = {"shared": int(aot.compile_spec(by_name[name], cc).metadata.shared)}
-    except Exception as e:
-        res[f"{name}@{cc}"] = {"error": f"{type(e).__name__}: {e}"[-3000:]}
-print("@@RESULT@@" + json.dumps(res))
-"""
-
-
-def _run_workers(jobs, n_workers=2):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    # Interleave so that both workers get a mix of cheap and expensive configs.
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER, json.dumps(jobs[i::n_workers])],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(n_workers)
-        if jobs[i::n_workers]
-    ]
-    results = {}
-    for p in procs:
-        out, err = p.communicate()
-        marker = [line for line in out.splitlines() if line.startswith("@@RESULT@@")]
-        if p.returncode != 0 or not marker:
-            raise RuntimeError(f"compile worker failed (rc={p.returncode}):\n{err[-4000:]}")
-        results.update(json.loads(marker[-1][len("@@RESULT@@") :]))
-    return results
+JOBS = static.all_jobs(SPECS)
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    return _run_workers(JOBS)
+    # one compile pass per (spec, target), shared with the static report's readers
+    return static.inspect_all(JOBS, workers=2)
 
 
 @pytest.mark.parametrize("name,cc", JOBS, ids=[f"{n}-sm{cc}" for n, cc in JOBS])

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -262,9 +264,6 @@ def inspect_all(jobs: list[tuple[str, int]], workers: int | None = None) -> dict
     in ``workers`` subprocesses (default: the CPU count, at most 8). Subprocesses because a
     kernel cannot be compiled under TRITON_INTERPRET, which the test suite sets: the
     interpreter replaces triton.language's own @jit helpers."""
-    import json
-    import sys
-
     workers = workers or min(8, os.cpu_count() or 1)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stated: silences its warning
