@@ -9,7 +9,9 @@ with its own time cap, never past what is left of ``--budget``:
   a. ``install`` (``pip install --no-deps --no-build-isolation --no-index -e .``: builds the
      native extension, with its CUDA kernels when nvcc is there), ``env`` (versions, GPU,
      what was built), ``pytest-cuda`` (``pytest python_tests -m cuda``: every Triton kernel
-     natively on CUDA tensors, the CUDA schedule kernel, CUDA-graph decode, the baselines);
+     natively on CUDA tensors, the CUDA schedule kernel, CUDA-graph decode, the baselines),
+     ``static-loaded`` (``vskip bench static --load``: every kernel configuration compiled
+     for this GPU and loaded, the driver's registers and spills beside the static report's);
   b. ``attention`` and ``visual_mass`` on LLaVA-1.5, LLaVA-NeXT, OneVision and the 32k video;
   c. ``decode``, then ``model`` (TTFT: LLaVA-NeXT-7B, the 32k Qwen2.5-VL video; decode
      eager) and ``model-graphs`` (FlashVLM decode on LLaVA-1.5-7B with CUDA graphs).
@@ -58,6 +60,10 @@ MODEL_TIMING = ("--model-repeats", "2", "--max-new-tokens", "32")
 
 # the benchmark runner (`vskip bench`), run on this checkout's package (PYTHONPATH, see child_env)
 BENCH_MODULE = ("-m", "vskip_kernels.bench")
+
+# The static step's report is folded into summary.json and its folder removed, so a device
+# run still brings back at most eight files.
+STATIC_DIR = "static-report"
 
 DEFAULT_BUDGET_S = 540  # fits a 10-minute command with room for the summary
 GRACE_S = 10  # after the cap: SIGINT, SIGTERM, SIGKILL, half of this apart
@@ -156,6 +162,21 @@ def plan_steps(args) -> list[Step]:
             min_s=30,
         )
     )
+    # The static report on this GPU's own target, each kernel loaded: the driver's n_regs /
+    # n_spills beside ptxas's and the committed report's (smoke: one small kernel family, no load)
+    static = ["static", "--load"] if not smoke else ["static", "--only", "mass_merge", "--targets", "80"]
+    steps.append(
+        Step(
+            "static-loaded",
+            "a",
+            120,
+            bench + static + ["--out", os.path.join(args.out, STATIC_DIR)],
+            "static kernel report on this GPU's target, every configuration loaded: "
+            "driver n_regs/n_spills vs ptxas and the committed report",
+            needs_gpu=True,
+            min_s=30,
+        )
+    )
     shapes = lambda names: [] if smoke else ["--shapes", *names]
     timing = [] if smoke else list(KERNEL_TIMING)
     steps.append(
@@ -227,8 +248,9 @@ def plan_steps(args) -> list[Step]:
 
 
 def is_benchmark(step: Step) -> bool:
-    """Whether the step runs a benchmark suite (and so must write a result file)."""
-    return tuple(step.argv[1:3]) == BENCH_MODULE
+    """Whether the step runs a benchmark suite (and so must write a result file); the static
+    report is not one (its result is folded into summary.json)."""
+    return tuple(step.argv[1:3]) == BENCH_MODULE and step.argv[3:4] != ["static"]
 
 
 def select(steps: list[Step], only, skip) -> list[Step]:
@@ -367,6 +389,17 @@ def describe_result(path: str) -> dict:
             doc = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         return {"file": path, "error": f"unreadable: {exc}"}
+    if doc.get("format") == "vskip-static/1":
+        kernels = doc.get("kernels", {})
+        lv = doc.get("loaded_vs_static") or {}
+        return {
+            "file": path,
+            "suite": "static",
+            "compiles": len(kernels),
+            "failing": sorted(k for k, r in kernels.items() if r.get("violations")),
+            "loaded": lv.get("compared", 0),
+            "loaded_mismatch": lv.get("mismatch_here", []) + lv.get("mismatch_committed", []),
+        }
     cases = doc.get("cases", [])
     checks = doc.get("checks", [])
     applies = [c for c in checks if c.get("target_applies", True)]
@@ -385,6 +418,33 @@ def describe_result(path: str) -> dict:
             if c.get("passed") is False
         ],
     }
+
+
+def fold_static_report(out: Outcome, folder: str) -> None:
+    """The static step's JSON, compacted into the step's summary info; the folder is removed."""
+    import shutil
+
+    paths = sorted(glob.glob(os.path.join(folder, "static-*.json")))
+    if paths:
+        d = describe_result(paths[-1])
+        with open(paths[-1]) as f:
+            doc = json.load(f)
+        keep = ("registers", "spill_stores", "spill_loads", "local", "shared", "loop_instructions", "loaded")
+        d["kernels"] = {
+            k: {**{f: r.get(f) for f in keep}, "violations": r.get("violations")} for k, r in doc["kernels"].items()
+        }
+        d["loaded_vs_static"] = doc.get("loaded_vs_static")
+        d["file"] = os.path.basename(paths[-1])
+        out.info["static"] = d
+        out.detail = (
+            f"{d['compiles']} compiles, {len(d['failing'])} failing the gate, {d['loaded']} loaded, "
+            f"{len(d['loaded_mismatch'])} differing from the static report"
+        )
+        if d["failing"] or d["loaded_mismatch"]:
+            out.status = "failed"
+    elif out.status == "ok":
+        out.status, out.detail = "failed", "exited 0 but wrote no static report"
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _num(x) -> str:
@@ -530,6 +590,8 @@ def judge(step: Step, rc, timed_out, seconds, tail, args, before: set) -> Outcom
             out.detail = said[-1][len("install: ") :].strip()
             if "NOT loaded" in out.detail:
                 out.status = "failed"
+    elif step.name == "static-loaded":
+        fold_static_report(out, os.path.join(args.out, STATIC_DIR))
     new = sorted(result_files(args.out) - before)
     if new:
         out.files = [os.path.relpath(p, args.out) for p in new]

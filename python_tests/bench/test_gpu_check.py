@@ -34,6 +34,7 @@ def test_plan_is_in_priority_order_and_parses(tmp_path, smoke, gpu_check):
         "install",
         "env",
         "pytest-cuda",
+        "static-loaded",
         "attention",
         "visual_mass",
         "decode",
@@ -146,6 +147,20 @@ def test_junit_and_result_readers(tmp_path, gpu_check):
     assert d["complete"] is False and d["cases"] == 1 and d["checks_pass"] == 1
     assert d["checks_fail"] == ["t [s] = 0.5 (target >= 1)"]  # reference-only checks are not misses
     assert d["skipped"] == ["eager: out of memory: x"]
+
+
+def test_static_step_is_folded_into_the_summary(tmp_path, gpu_check):
+    """The static step in its smoke form (one small kernel family, one target, no GPU to load
+    on) runs the real report; its JSON goes into summary.json and its folder is removed, so
+    a device run still brings back at most eight files."""
+    rc = gpu_check.main(["--smoke", "--out", str(tmp_path), "--only", "static-loaded", "--budget", "200"])
+    doc = json.load(open(tmp_path / "summary.json"))
+    (step,) = doc["steps"]
+    assert rc == 0 and step["status"] == "ok", step
+    info = step["info"]["static"]
+    assert info["compiles"] == 1 and info["failing"] == [] and list(info["kernels"]) == ["mass_merge@80"]
+    assert info["kernels"]["mass_merge@80"]["registers"] > 0
+    assert not (tmp_path / gpu_check.STATIC_DIR).exists()
 
 
 def test_smoke_rehearsal_core(tmp_path, gpu_check):

@@ -1,5 +1,9 @@
-"""AOT compile gate: every Triton kernel configuration compiles for sm80/86/89/90 and
-fits the target's shared memory.
+"""AOT compile gate: every Triton kernel configuration the launchers can run compiles for
+sm80/86/89/90 into code the GPU runs well, read without a GPU (``ops/static.py``): within the
+target's shared memory and registers, no register spill and no local-memory instruction, and
+tensor-core MMAs in the main loop of every fp16/bf16 attention kernel (``static.violations``).
+The registry (``aot.all_specs``) lists every configuration each launcher (and the prefill
+autotuner) can pick, so the gate covers what can run, not a sample.
 
 Compilation runs in ``static.inspect_all``'s worker subprocesses without TRITON_INTERPRET:
 under the interpreter, triton.language's own @jit helpers (tl.sum, tl.max, ...) are
@@ -31,6 +35,33 @@ def test_compiles_within_smem(compiled, name, cc):
     )
 
 
+@pytest.mark.parametrize("name,cc", JOBS, ids=[f"{n}-sm{cc}" for n, cc in JOBS])
+def test_static_quality(compiled, name, cc):
+    bad = static.violations(name, cc, compiled[f"{name}@{cc}"])
+    assert not bad, f"{name} on sm{cc}: " + "; ".join(bad)
+
+
+def test_the_gate_refuses_what_it_should():
+    """The rules on hand-made results: a clean fp16 attention kernel passes; a spill, a local
+    access, a missing MMA, too much shared memory each fail; fp32 (FMA dots) needs no MMA."""
+    ok = dict(spill_stores=0, spill_loads=0, local=0, registers=200, shared=64 * 1024, ctas_per_sm=1, loop_mma=32)
+    assert static.violations("attn_fp16_d128_m64n64_w4s2", 86, ok) == []
+    assert static.violations("attn_fp32_d128_m32n32_w4s2", 86, {**ok, "loop_mma": 0}) == []
+    assert static.violations("decode_merge_fp16_bd128", 80, {**ok, "loop_mma": 0}) == []
+    for bad, what in [
+        ({"spill_stores": 8}, "spills"),
+        ({"local": 3}, "local-memory"),
+        ({"loop_mma": 0}, "tensor-core"),
+        ({"shared": 100 * 1024}, "shared memory"),
+        ({"ctas_per_sm": 0}, "no CTA"),
+    ]:
+        got = static.violations("paged_bf16_d128_bs16", 86, {**ok, **bad})
+        assert len(got) == 1 and what in got[0], (bad, got)
+    assert "compile error" in static.violations("paged_fp16_d64_bs16", 80, {"error": "boom"})[0]
+    with pytest.raises(ValueError, match="family"):
+        static.family("unknown_kernel")
+
+
 def test_every_target_has_a_config_per_head_dim_and_dtype():
     from vskip_kernels.ops.triton import attention as ta
 
@@ -39,6 +70,24 @@ def test_every_target_has_a_config_per_head_dim_and_dtype():
             for d in ta.HEAD_DIMS:
                 bm, bn = ta._default_blocks(cc, dtype, d)
                 assert ta.configs_for(cc, dtype, d, bm, bn), (cc, dtype, d, bm, bn)
+
+
+def test_registry_covers_every_prefill_config_the_autotuner_can_pick():
+    """The gate sees what can run: every (num_warps, num_stages) the prefill autotuner keeps
+    for a target's default tile (``configs_for``) is a registered spec compiled for it."""
+    from vskip_kernels.ops.triton import attention as ta
+
+    registered = {(s.name, cc) for s in SPECS for cc in s.targets}
+    missing = []
+    for cc in aot.TARGETS:
+        for dtype in ("fp16", "bf16", "fp32"):
+            for d in ta.HEAD_DIMS:
+                bm, bn = ta._default_blocks(cc, dtype, d)
+                for w, st in ta.configs_for(cc, dtype, d, bm, bn):
+                    name = f"attn_{dtype}_d{d}_m{bm}n{bn}_w{w}s{st}"
+                    if (name, cc) not in registered:
+                        missing.append(f"{name}@sm{cc}")
+    assert not missing, f"launchable but never compiled by the gate: {missing}"
 
 
 def test_smem_estimate_bounds_measured(compiled):

@@ -36,7 +36,11 @@ def default_out() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vskip bench", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "suites", nargs="*", metavar="SUITE", help=f"sub-suites to run: {', '.join(SUITES)} or all (default: all)"
+        "suites",
+        nargs="*",
+        metavar="SUITE",
+        help=f"sub-suites to run: {', '.join(SUITES)} or all (default: all); "
+        "'vskip bench static --help': the static kernel report (no GPU)",
     )
     p.add_argument(
         "--smoke", action="store_true", help="tiny shapes and few iterations (CPU OK); results go to <out>/smoke"
@@ -131,7 +135,16 @@ def shape_names(smoke: bool, suites) -> list[str]:
 
 
 def main(argv=None) -> list[str]:
-    """Run the chosen suites; returns the paths of the JSON files written."""
+    """Run the chosen suites; returns the paths of the JSON files written.
+
+    ``static`` first (``vskip bench static [options]``) is the static kernel report instead: it
+    compiles every kernel configuration for each GPU target and needs no GPU
+    (``static_report``, its own options)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["static"]:
+        from .static_report import main as static_main
+
+        return [static_main(argv[1:], default_out=default_out(), source_checkout=is_source_checkout())]
     import torch
 
     from .common import environment, result_path, timestamp, write_results

@@ -81,6 +81,7 @@ class KernelReport:
     loop_instructions: int  # instructions of the main KV loop's body (0: no MMA loop)
     loop_mma: int
     opcodes: dict = field(default_factory=dict)  # opcode family -> count
+    loaded: dict | None = None  # on a GPU: n_regs / n_spills of the loaded kernel
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -192,8 +193,10 @@ def occupancy(cc: int, registers: int, shared: int, num_warps: int) -> tuple[int
 # ----------------------------------------------------------------------------- one spec
 
 
-def inspect_spec(spec: aot.AotSpec, cc: int) -> KernelReport:
-    """Compile ``spec`` for sm_<cc> and read its static quality."""
+def inspect_spec(spec: aot.AotSpec, cc: int, load: bool = False) -> KernelReport:
+    """Compile ``spec`` for sm_<cc> and read its static quality. ``load`` (a GPU of that
+    target needed) also loads the cubin and records what the driver reports for it
+    (``loaded``: n_regs, n_spills), to confirm the static numbers on a real device."""
     kernel, log = compile_with_log(spec, cc)
     ptxas = parse_ptxas_log(log)
     sass = disassemble(kernel.asm["cubin"])
@@ -221,7 +224,14 @@ def inspect_spec(spec: aot.AotSpec, cc: int) -> KernelReport:
         loop_instructions=loop_n,
         loop_mma=loop_mma,
         opcodes=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        loaded=_load(kernel) if load else None,
     )
+
+
+def _load(kernel) -> dict:
+    """Load a compiled kernel on the current GPU: the driver's register and spill counts."""
+    kernel._init_handles()  # Triton's own loader (cuModuleLoadData + function attributes)
+    return {"n_regs": int(kernel.n_regs), "n_spills": int(kernel.n_spills)}
 
 
 def tool_versions() -> dict:
@@ -237,6 +247,55 @@ def tool_versions() -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- the gate
+
+# Kernel families by spec-name prefix, longest first; the tensor-core rule covers the
+# attention kernels (prefill, split-KV decode, paged) and the visual-mass kernel, whose
+# score tiles are tl.dot products too.
+FAMILIES = ("attn", "paged", "decode_split", "decode_merge", "mass_split", "mass_merge", "vllm_unified")
+MMA_FAMILIES = ("attn", "paged", "decode_split", "mass_split", "vllm_unified")
+_DTYPE = re.compile(r"_(fp16|bf16|fp32)(?:_|$)")
+
+
+def family(name: str) -> str:
+    """The kernel family of a spec name (``attn_fp16_d128_m64n64_w4s2`` -> ``attn``)."""
+    for fam in sorted(FAMILIES, key=len, reverse=True):
+        if name == fam or name.startswith(fam + "_"):
+            return fam
+    raise ValueError(f"spec name {name!r} belongs to no known kernel family {FAMILIES}")
+
+
+def dtype_of(name: str) -> str | None:
+    """The element type a spec name states (fp16, bf16, fp32), or None (merge kernels)."""
+    m = _DTYPE.search(name)
+    return m.group(1) if m else None
+
+
+def violations(name: str, cc: int, res: dict) -> list[str]:
+    """What the static gate refuses in one compile (``inspect_spec(...).as_dict()`` or an
+    ``{"error": ...}`` result): no compile error; no register spill and no local-memory
+    instruction (a spill inside the KV loop is local-memory traffic on every tile); registers
+    and shared memory within the target's limits; tensor-core MMAs inside the main loop of
+    every fp16/bf16 attention kernel. Empty when the compile passes."""
+    if "error" in res:
+        return [f"compile error: {res['error']}"]
+    lim = LIMITS[cc]
+    out = []
+    if res["spill_stores"] or res["spill_loads"]:
+        out.append(f"spills {res['spill_stores']} bytes stored / {res['spill_loads']} loaded per thread")
+    if res["local"]:
+        out.append(f"{res['local']} local-memory instructions (LDL/STL)")
+    if res["registers"] > lim.max_regs_per_thread:
+        out.append(f"{res['registers']} registers > {lim.max_regs_per_thread}")
+    if res["shared"] > lim.smem_per_cta:
+        out.append(f"{res['shared']} bytes of shared memory > {lim.smem_per_cta}")
+    if res["ctas_per_sm"] < 1:
+        out.append("no CTA fits an SM")
+    if family(name) in MMA_FAMILIES and dtype_of(name) in ("fp16", "bf16") and not res["loop_mma"]:
+        out.append("no tensor-core MMA in the main loop")
+    return out
+
+
 # ----------------------------------------------------------------------------- every spec
 
 _WORKER = r"""
@@ -244,9 +303,10 @@ import json, sys
 from vskip_kernels.ops import aot, static
 by_name = {s.name: s for s in aot.all_specs()}
 res = {}
+load = sys.argv[2] == "1"
 for name, cc in json.loads(sys.argv[1]):
     try:
-        res[f"{name}@{cc}"] = static.inspect_spec(by_name[name], cc).as_dict()
+        res[f"{name}@{cc}"] = static.inspect_spec(by_name[name], cc, load=load).as_dict()
     except Exception as e:
         res[f"{name}@{cc}"] = {"error": f"{type(e).__name__}: {e}"[-3000:]}
 print("@@RESULT@@" + json.dumps(res))
@@ -259,9 +319,10 @@ def all_jobs(specs=None) -> list[tuple[str, int]]:
     return [(s.name, cc) for s in specs for cc in aot.TARGETS if cc in s.targets]
 
 
-def inspect_all(jobs: list[tuple[str, int]], workers: int | None = None) -> dict[str, dict]:
+def inspect_all(jobs: list[tuple[str, int]], workers: int | None = None, load: bool = False) -> dict[str, dict]:
     """``"name@cc" -> KernelReport.as_dict()`` (or ``{"error": ...}``) for every job, compiled
-    in ``workers`` subprocesses (default: the CPU count, at most 8). Subprocesses because a
+    in ``workers`` subprocesses (default: the CPU count, at most 8); ``load``: see
+    ``inspect_spec``. Subprocesses because a
     kernel cannot be compiled under TRITON_INTERPRET, which the test suite sets: the
     interpreter replaces triton.language's own @jit helpers."""
     workers = workers or min(8, os.cpu_count() or 1)
@@ -272,7 +333,7 @@ def inspect_all(jobs: list[tuple[str, int]], workers: int | None = None) -> dict
     # Interleaved so that every worker gets a mix of cheap and expensive configurations.
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, json.dumps(jobs[i::workers])],
+            [sys.executable, "-c", _WORKER, json.dumps(jobs[i::workers]), "1" if load else "0"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
