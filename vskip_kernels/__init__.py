@@ -1,6 +1,6 @@
 """vskip_kernels: modality-aware sparse attention and layer skipping for vision-language models."""
 
-from .ops import modality_attention, modality_attention_varlen, visual_attention_mass
+from .ops import modality_attention, modality_attention_varlen, received_attention, visual_attention_mass
 from .plan import SkipPlan
 from .schedule import Schedule, plan_schedule
 
@@ -10,6 +10,7 @@ __all__ = [
     "modality_attention",
     "modality_attention_varlen",
     "visual_attention_mass",
+    "received_attention",
     "plan_schedule",
     "Schedule",
     "SkipPlan",

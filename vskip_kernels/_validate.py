@@ -98,3 +98,22 @@ def check_attention_inputs(q, k, v, is_visual, attention_mask, policy, softmax_s
         raise ValueError(f"is_visual is on {is_visual.device} but q is on {q.device}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
+
+
+def query_indices(query_positions, nq: int, device) -> torch.Tensor:
+    """The chosen queries as a 1-D int64 tensor of indices in [0, nq): ``query_positions``
+    (ints or a 1-D integer tensor, negatives counting from the end) or, when None, all."""
+    if query_positions is None:
+        return torch.arange(nq, device=device)
+    idx = torch.as_tensor(query_positions, device=device)
+    if idx.dim() == 0:
+        idx = idx[None]
+    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.numel() == 0:
+        raise ValueError(
+            f"query_positions must be a non-empty 1-D list of integer query indices, got {query_positions!r}"
+        )
+    if bool(((idx < -nq) | (idx >= nq)).any()):
+        raise ValueError(
+            f"query_positions must be in [-{nq}, {nq}) (indices into the Nq={nq} queries), got {idx.tolist()}"
+        )
+    return torch.remainder(idx.long(), nq)

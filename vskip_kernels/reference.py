@@ -115,6 +115,30 @@ def visual_mass_ref(
     return mass
 
 
+def received_attention_ref(
+    q, k, is_visual, *, policy="dense", attention_mask=None, visual_self=True, softmax_scale=None, query_positions=None
+):
+    """fp32 [B, Nk]: the attention probability each key receives from the chosen queries
+    (``query_positions``, indices into the Nq queries; default all), averaged over the queries
+    allowed to attend it and over the query heads; 0 for a key no chosen query may attend.
+    One chosen query (the last prompt token) is FastV's public ranking; all of them the paper's."""
+    wide = torch.float64 if q.dtype in (torch.float32, torch.float64) else torch.float32
+    q, k = q.to(wide), k.to(wide)
+    hq, nq, d = q.shape[1], q.shape[2], q.shape[3]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    allowed = allowed_mask(is_visual, attention_mask, nq, policy, visual_self)  # [B, Nq, Nk]
+    scores = torch.matmul(q, _expand_kv(k, hq).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(allowed[:, None], probs, torch.zeros_like(probs))  # [B, Hq, Nq, Nk]
+    if query_positions is not None:
+        idx = torch.as_tensor(query_positions, device=q.device, dtype=torch.long).reshape(-1) % nq
+        probs, allowed = probs[:, :, idx], allowed[:, idx]
+    count = allowed.sum(1)  # [B, Nk]: chosen queries that may attend each key
+    received = probs.sum(2).mean(1) / count.clamp_min(1)
+    return torch.where(count > 0, received, torch.zeros_like(received)).float()
+
+
 def live_tile_pairs(allowed: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
     """[B, num_m, num_n] bool: tile pairs holding at least one allowed (query, key) entry."""
     b, nq, nk = allowed.shape

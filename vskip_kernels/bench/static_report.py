@@ -67,23 +67,31 @@ def _device_target() -> int:
 def compare_loaded(kernels: dict[str, dict], committed: dict | None) -> dict:
     """For each loaded kernel: does the driver's n_regs / n_spills match ptxas's report of the
     same compile, and the committed report's (another machine, maybe another Triton)?"""
-    out = {"compared": 0, "mismatch_here": [], "mismatch_committed": [], "not_in_committed": []}
+    here: list[str] = []
+    committed_diff: list[str] = []
+    missing: list[str] = []
+    compared = 0
     ref = (committed or {}).get("kernels", {})
     for key, r in kernels.items():
         got = r.get("loaded")
         if not got:
             continue
-        out["compared"] += 1
+        compared += 1
         if got["n_regs"] != r["registers"] or bool(got["n_spills"]) != bool(r["spill_stores"]):
-            out["mismatch_here"].append(key)
+            here.append(key)
         c = ref.get(key)
         if c is None or "registers" not in c:
-            out["not_in_committed"].append(key)
+            missing.append(key)
         elif got["n_regs"] != c["registers"] or bool(got["n_spills"]) != bool(c["spill_stores"]):
-            out["mismatch_committed"].append(
+            committed_diff.append(
                 f"{key}: loaded {got}, committed {c['registers']} regs, {c['spill_stores']} spill bytes"
             )
-    return out
+    return {
+        "compared": compared,
+        "mismatch_here": here,
+        "mismatch_committed": committed_diff,
+        "not_in_committed": missing,
+    }
 
 
 def _environment() -> dict:
@@ -188,7 +196,7 @@ def main(argv=None, *, default_out: str = "vskip_bench_results", source_checkout
         print(f"[static] compiling vLLM's paged kernel in {args.vllm_python}", file=sys.stderr, flush=True)
         peer = run_peer(args.vllm_python)
     created = timestamp()
-    doc = {
+    doc: dict = {
         "format": FORMAT,
         "created_utc": created,
         "complete": not (args.only or args.targets),
@@ -280,7 +288,7 @@ def _peer_rows(doc: dict) -> list[str]:
     """Our paged kernel beside vLLM's at each (dtype, head dim, block size, GQA group, target)
     the peer was compiled for: loop instructions per key tile at equal tile size."""
     peer = doc.get("peer") or {}
-    ours = {}
+    ours: dict[tuple, list] = {}
     for r in doc["kernels"].values():
         m = _PAGED.match(r["name"])
         if m and "registers" in r:

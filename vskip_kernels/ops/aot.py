@@ -15,7 +15,7 @@ import importlib
 from .triton.spec import SMEM_LIMITS, TARGETS, TRITON_DTYPES, AotSpec, registered_specs  # noqa: F401
 
 # The modules whose import registers specs; a new Triton launcher is added here.
-KERNEL_MODULES = ("triton.attention", "triton.decode", "triton.visual_mass", "triton.paged")
+KERNEL_MODULES = ("triton.attention", "triton.decode", "triton.visual_mass", "triton.paged", "triton.received")
 
 
 def compile_spec(spec: AotSpec, cc: int):

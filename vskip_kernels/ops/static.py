@@ -249,11 +249,11 @@ def tool_versions() -> dict:
 
 # ----------------------------------------------------------------------------- the gate
 
-# Kernel families by spec-name prefix, longest first; the tensor-core rule covers the
-# attention kernels (prefill, split-KV decode, paged) and the visual-mass kernel, whose
-# score tiles are tl.dot products too.
-FAMILIES = ("attn", "paged", "decode_split", "decode_merge", "mass_split", "mass_merge", "vllm_unified")
-MMA_FAMILIES = ("attn", "paged", "decode_split", "mass_split", "vllm_unified")
+# Kernel families by spec-name prefix; the tensor-core rule covers the attention kernels
+# (prefill, split-KV decode, paged) and the visual-mass and received-attention kernels,
+# whose score tiles are tl.dot products too.
+FAMILIES = ("attn", "paged", "decode_split", "decode_merge", "mass_split", "mass_merge", "received", "vllm_unified")
+MMA_FAMILIES = ("attn", "paged", "decode_split", "mass_split", "received", "vllm_unified")
 _DTYPE = re.compile(r"_(fp16|bf16|fp32)(?:_|$)")
 
 

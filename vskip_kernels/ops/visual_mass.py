@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._validate import check_backend, check_mask_inputs, check_qkv
+from .._validate import check_backend, check_mask_inputs, check_qkv, query_indices
 from ..kinds import POLICY_CODES, POLICY_NAMES, token_kind
 from .dispatch import resolve_backend
 
@@ -67,21 +67,8 @@ def visual_attention_mass(
         raise ValueError(f"is_visual is on {is_visual.device} but q is on {q.device}")
     backend = resolve_backend(backend, q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
-    if query_positions is None:
-        idx = torch.arange(nq, device=q.device)
-    else:
-        idx = torch.as_tensor(query_positions, device=q.device)
-        if idx.dim() == 0:
-            idx = idx[None]
-        if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.numel() == 0:
-            raise ValueError(
-                f"query_positions must be a non-empty 1-D list of integer query indices, got {query_positions!r}"
-            )
-        if bool(((idx < -nq) | (idx >= nq)).any()):
-            raise ValueError(
-                f"query_positions must be in [-{nq}, {nq}) (indices into the Nq={nq} queries), got {idx.tolist()}"
-            )
-        idx = torch.remainder(idx.long(), nq)
+    idx = query_indices(query_positions, nq, q.device)
+    if query_positions is not None:
         q = q.index_select(2, idx)
     q_pos = (idx + (nk - nq)).to(torch.int32).contiguous()
     kind = token_kind(is_visual, attention_mask).contiguous()
