@@ -128,3 +128,19 @@ def test_bad_arguments_name_the_argument():
         received_attention(q, k, vis[:, :30])
     with pytest.raises(ValueError, match="policy"):
         received_attention(q, k, vis, policy="sparse")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("chosen", (None, [-1]))
+def test_native_gpu_matches_reference(dtype, chosen):
+    n, d = 1100, 128
+    vis, _ = build_layout(n, [(35, 611)], [(20, 900), (950, 1050)])
+    q, k, v = (t.cuda() for t in make_qkv(2, 8, 2, n, n, d, dtype, seed=8))
+    vis = vis.cuda()
+    _, lse = modality_attention(q, k, v, vis, policy="vskip", return_lse=True, backend="triton")
+    got = received_attention(q, k, vis, lse=lse, policy="vskip", query_positions=chosen, backend="triton").cpu()
+    qc, kc, vc = q.cpu(), k.cpu(), vis.cpu()
+    ref = received_attention_ref(qc, kc, vc, policy="vskip", query_positions=chosen)
+    low = eager_received(qc, kc, vc, None, "vskip", 1 / math.sqrt(d), dtype, chosen)
+    assert_rule(f"gpu-{dtype}", got, ref, low, atol=1e-6)
