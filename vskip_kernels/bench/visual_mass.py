@@ -1,11 +1,17 @@
-"""Visual attention mass (FlashVLM's A_v): our one-pass reduction vs eager probabilities.
+"""Visual attention mass (FlashVLM's A_v) and the token ranking of FastV / PyramidDrop: our
+one-pass reductions vs eager probabilities.
 
-Three cases per length N:
+Five cases per length N:
 - ``mass-all``: the mass of every query;
 - ``mass-last``: the newest token only (``query_positions=[-1]``), what calibration needs;
 - ``attention+mass``: attention with the mass fused into the same kernel vs plain
   attention (the fusion overhead) vs eager attention returning probabilities
-  (output_attentions) followed by a visual column sum.
+  (output_attentions) followed by a visual column sum;
+- ``rank-last`` / ``rank-all``: the attention each key receives from the last query (FastV's
+  code, PyramidDrop) or from every query (the FastV paper), head-averaged:
+  ``received_attention`` given the LSE the layer's attention returned (computed outside the
+  timed region, as a model already has it) vs eager probabilities (output_attentions, what
+  FastV's code forces one layer to) reduced the same way.
 The eager baselines materialize [B, H, Nq, Nk] probabilities; at long N they run
 out of memory, which is recorded as a skip with its reason.
 """
@@ -36,6 +42,19 @@ def _eager_mass(q, k, v, mask, vis_idx, with_output: bool):
     return run
 
 
+def _eager_rank(q, k, mask, last_only: bool):
+    probs_fn = baselines.eager_probs(q, k, mask)
+
+    def run():
+        p = probs_fn()
+        if last_only:
+            return p[:, :, -1].float().mean(1)
+        allowed = mask.sum(-2)  # [B, 1, Nk]: queries that may attend each key
+        return p.float().sum(-2).mean(1) / allowed[:, 0].clamp_min(1)
+
+    return run
+
+
 def run_shape(shape, args, device, dtype):
     is_visual = cases.is_visual_for(shape.segments, device)
     vis_idx = is_visual[0].nonzero().flatten()
@@ -57,7 +76,8 @@ def run_shape(shape, args, device, dtype):
         return mask_cache[key]
 
     out = []
-    for task in ("mass-all", "mass-last", "attention+mass"):
+    lse = {}
+    for task in ("mass-all", "mass-last", "attention+mass", "rank-last", "rank-all"):
         results, skipped = [], []
         if not use_triton:
             skipped.append({"backend": OURS_TRITON, "reason": no_triton})
@@ -76,6 +96,19 @@ def run_shape(shape, args, device, dtype):
                     name,
                     lambda b=backend: (
                         lambda: vk.visual_attention_mass(q, k, is_visual, query_positions=[-1], backend=b)
+                    ),
+                    device,
+                    args,
+                    **ctx,
+                )
+            elif task.startswith("rank"):
+                if backend not in lse:  # the layer's attention returns it; not part of the ranking's cost
+                    lse[backend] = vk.modality_attention(q, k, v, is_visual, return_lse=True, backend=backend)[1]
+                chosen = [-1] if task == "rank-last" else None
+                measure(
+                    name,
+                    lambda b=backend, c=chosen: (
+                        lambda: vk.received_attention(q, k, is_visual, lse=lse[b], query_positions=c, backend=b)
                     ),
                     device,
                     args,
@@ -119,6 +152,14 @@ def run_shape(shape, args, device, dtype):
                 args,
                 **ctx,
             )
+        elif task.startswith("rank"):
+            measure(
+                "eager probs (output_attentions) + received mean",
+                lambda t=task: _eager_rank(q, k, mask(), t == "rank-last"),
+                device,
+                args,
+                **ctx,
+            )
         else:
             measure(
                 "eager attention + probs + visual sum",
@@ -140,6 +181,7 @@ def run_shape(shape, args, device, dtype):
             }
         )
     mask_cache.clear()
+    lse.clear()
     return out
 
 
