@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vskip_kernels
-from vskip_kernels import modality_attention, modality_attention_varlen, visual_attention_mass
+from vskip_kernels import modality_attention, modality_attention_varlen, received_attention, visual_attention_mass
 from vskip_kernels.reference import attention_ref
 
 
@@ -235,7 +235,10 @@ def test_torch_compile_fullgraph_matches_eager():
         )
         plain = modality_attention(q, k, v, vis, policy="frozen", attention_mask=mask, backend="torch")
         mass = visual_attention_mass(q, k, vis, attention_mask=mask, query_positions=[-1], backend="torch")
-        return out * 2 + plain, lse, mass
+        rank = received_attention(
+            q, k, vis, lse=lse, policy="vskip", attention_mask=mask, query_positions=[-1], backend="torch"
+        )
+        return out * 2 + plain, lse, mass, rank
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     got, want = compiled(q, k, v, vis, mask), f(q, k, v, vis, mask)
@@ -245,6 +248,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 def test_opcheck_custom_ops():
     from vskip_kernels.ops.attention import _modality_attention_op
+    from vskip_kernels.ops.received_attention import _received_op
     from vskip_kernels.ops.visual_mass import _visual_mass_op
     from vskip_kernels.reference import token_kind
 
@@ -259,6 +263,8 @@ def test_opcheck_custom_ops():
         )
     q_pos = torch.tensor([4, 11], dtype=torch.int32)
     torch.library.opcheck(_visual_mass_op, (q[:, :, :2].contiguous(), k, kind, q_pos, 0, True, 0.125, "torch"))
+    lse = torch.randn(q.shape[0], q.shape[1], 2)
+    torch.library.opcheck(_received_op, (q[:, :, :2].contiguous(), k, kind, q_pos, lse, 1, True, 0.125, "torch"))
 
 
 def test_public_names():
@@ -266,6 +272,7 @@ def test_public_names():
         "modality_attention",
         "modality_attention_varlen",
         "visual_attention_mass",
+        "received_attention",
         "plan_schedule",
         "Schedule",
         "SkipPlan",
