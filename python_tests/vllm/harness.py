@@ -73,7 +73,9 @@ def vllm_inputs(items):
     return res
 
 
-def make_llm(path: str, plan_path: str | None = None, **kw):
+def make_llm(path: str, plan_path: str | None = None, backend: str | None = None, **kw):
+    """An in-process vLLM engine on a tiny checkpoint; ``plan_path`` and ``backend`` (the paged
+    kernel: "auto", "torch" or "triton") go into ``additional_config`` with any entries given there."""
     from vllm import LLM
 
     args = dict(
@@ -86,9 +88,14 @@ def make_llm(path: str, plan_path: str | None = None, **kw):
         enforce_eager=True,
         gpu_memory_utilization=0.5,
     )
+    additional = dict(kw.pop("additional_config", None) or {})
     args.update(kw)
     if plan_path is not None:
-        args["additional_config"] = {"vskip_plan": plan_path}
+        additional["vskip_plan"] = plan_path
+    if backend is not None:
+        additional["vskip_backend"] = backend
+    if additional:
+        args["additional_config"] = additional
     return LLM(**args)
 
 
@@ -126,6 +133,16 @@ def plan_state(llm):
         layers = model.language_model.model.layers
         st = getattr(runner, "_vskip_state", None)
         return (type(layers[0].self_attn.attn.impl).__name__, dict(st.step_counts) if st else None)
+
+    return llm.collective_rpc(probe)[0]
+
+
+def kernel_state(llm):
+    """(the paged kernel the worker's ModelState runs, its calls by kernel)."""
+
+    def probe(worker):
+        st = worker.model_runner._vskip_state
+        return st.kernel, dict(st.kernel_calls)
 
     return llm.collective_rpc(probe)[0]
 

@@ -194,3 +194,40 @@ def test_calibrated_plan_runs_as_calibrated(families, tmp_path):
     llm = f.engine("calibrated", "calibrated")
     test_items = H.prompts("llava", 4, seed=18)
     assert H.generate(llm, test_items, N_NEW)[0] == f.hf.tokens(path, test_items, N_NEW)
+
+
+# ----------------------------------------------------------------------------- the CUDA path's kernel
+# additional_config["vskip_backend"] = "triton": the CPU engine runs the backend through the paged
+# Triton kernel (the one CUDA runs by default), in Triton's interpreter (TRITON_INTERPRET=1, set by
+# python_tests/conftest.py without a GPU). Few prompts: the interpreter is slow.
+@pytest.mark.parametrize("fam", ["llava", "qwen2_vl"])
+def test_triton_kernel_tokens_equal_transformers(families, fam):
+    f = families(fam)
+    llm = f.engine("A-triton", "A", backend="triton")
+    items = H.prompts(fam, 3, seed=11)
+    ref = f.hf.tokens(f.plans["A"], items, N_NEW)
+    assert H.generate(llm, items, N_NEW)[0] == ref
+    kernel, calls = H.kernel_state(llm)
+    assert kernel == "triton" and calls["triton"] > 0 and calls["torch"] == 0, calls
+    counts = H.plan_state(llm)[1]
+    assert counts["prefill"] > 0 and counts["decode"] > 0
+
+
+def test_triton_kernel_chunked_prefill_and_prefix_hit(families):
+    """The Triton kernel on chunked prompts (mixed prefill/decode steps, an image across chunks)
+    and on a prefix-cache hit (the cached image's kinds read back, a one-token prefill)."""
+    f = families("llava")
+    llm = f.engine("A-triton-chunked", "A", backend="triton", max_num_batched_tokens=16, max_num_seqs=4)
+    items = H.prompts("llava", 3, seed=12, min_words=20, max_words=40, images=(1, 2))
+    assert H.generate(llm, items, N_NEW)[0] == f.hf.tokens(f.plans["A"], items, N_NEW)
+    assert H.plan_state(llm)[1]["mixed"] > 0
+    item = (H.ck.text_prompt(61, 1301, True), [H.ck.image(1301)])
+    ref = f.hf.tokens(f.plans["A"], [item], N_NEW)
+    assert H.generate(llm, [item], N_NEW)[0] == ref
+    before = H.plan_state(llm)[1]["prefill"]
+    again, outs = H.generate(llm, [item], N_NEW)
+    assert outs[0].num_cached_tokens == 2 * H.BLOCK
+    assert again == ref
+    assert H.plan_state(llm)[1]["prefill"] == before + 1
+    kernel, calls = H.kernel_state(llm)
+    assert kernel == "triton" and calls["torch"] == 0

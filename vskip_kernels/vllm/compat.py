@@ -49,14 +49,25 @@ def vllm_version() -> str:
     return getattr(vllm, "__version__", "unknown")
 
 
-def cpu_backend_classes():
-    from vllm.v1.attention.backends.cpu_attn import (
-        CPUAttentionBackend,
-        CPUAttentionBackendImpl,
-        CPUAttentionMetadataBuilder,
+def attention_base_classes():
+    """vLLM's abstract attention classes the backend subclasses, and the CUDA-graph support enum:
+    (AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionCGSupport)."""
+    from vllm.v1.attention.backend import (
+        AttentionBackend,
+        AttentionCGSupport,
+        AttentionImpl,
+        AttentionMetadataBuilder,
     )
 
-    return CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
+    return AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionCGSupport
+
+
+def kv_cache_layouts():
+    """Physical KV-cache layouts the backend takes, preferred first (vLLM's logical page is
+    [block, head, token, K|V]; the kernels address it through strides, the content axis last)."""
+    from vllm.v1.kv_cache_interface import KVCacheLayout
+
+    return (KVCacheLayout.LBHNC, KVCacheLayout.LBNHC)
 
 
 def decoder_attn_types():
@@ -66,7 +77,17 @@ def decoder_attn_types():
 
 
 BACKEND_PATH = "vskip_kernels.vllm.backend.VskipAttentionBackend"
-CUSTOM_NAME = "VSKIP"
+
+
+def platform_kind() -> str:
+    """The platform: "cpu" or "cuda" (the two the backend supports), else its device name."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return "cpu"
+    if current_platform.is_cuda():
+        return "cuda"
+    return str(getattr(current_platform, "device_name", None) or type(current_platform).__name__)
 
 
 def _clear_selector_cache() -> None:
@@ -77,22 +98,65 @@ def _clear_selector_cache() -> None:
         fn.cache_clear()
 
 
-def use_backend(on: bool) -> None:
-    """Put the vskip backend in place of the platform's backend (or restore the platform's)."""
-    from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+def _backend_member(kind: str):
+    """The backend enum member pointed at the vskip backend: CPU_ATTN on CPU (vLLM's CPU platform
+    returns that entry whatever the user asks for), CUSTOM on CUDA (selected through the
+    attention config, see ``_select_custom_backend``)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    if current_platform.is_cpu():
+    return AttentionBackendEnum.CPU_ATTN if kind == "cpu" else AttentionBackendEnum.CUSTOM
+
+
+def use_backend(on: bool) -> None:
+    """Point the platform's backend entry at the vskip backend (or take our override back)."""
+    from vllm.v1.attention.backends.registry import register_backend
+
+    kind = platform_kind()
+    if kind not in ("cpu", "cuda"):
         if on:
-            register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
-        else:
-            AttentionBackendEnum.CPU_ATTN.clear_override()
-        _clear_selector_cache()
-    elif on:
-        raise PlanError(
-            "the vskip vLLM backend runs on vLLM's CPU build in this release; CUDA serving through "
-            "vLLM is not supported yet (the paged Triton kernel is, see ops/triton/paged.py)"
-        )
+            raise PlanError(f"the vskip vLLM backend runs on vLLM's CPU and CUDA platforms, not on {kind}")
+        return
+    member = _backend_member(kind)
+    if on:
+        register_backend(member, BACKEND_PATH)
+    elif member.is_overridden() and member.get_path() == BACKEND_PATH:
+        member.clear_override()
+    _clear_selector_cache()
+
+
+def _select_custom_backend(engine_args) -> tuple:
+    """CUDA: make vLLM's selector pick AttentionBackendEnum.CUSTOM (ours) for the decoder layers,
+    through the engine's attention backend; returns what to restore on the EngineArgs."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    custom = AttentionBackendEnum.CUSTOM
+    cfg_backend = getattr(engine_args, "attention_config", None)
+    cfg_backend = cfg_backend.get("backend") if isinstance(cfg_backend, dict) else getattr(cfg_backend, "backend", None)
+    for given in (getattr(engine_args, "attention_backend", None), cfg_backend):
+        if given is None or (isinstance(given, str) and given.lower() == "auto"):
+            continue
+        name = given if isinstance(given, str) else getattr(given, "name", str(given))
+        if name.upper() != custom.name:
+            raise PlanError(
+                f'a vskip plan runs its own attention backend (vLLM\'s "CUSTOM" entry); the engine also asks for '
+                f"attention backend {name!r}: drop that option"
+            )
+    old = engine_args.attention_backend
+    if cfg_backend is None:
+        engine_args.attention_backend = custom
+    return (old,)
+
+
+def interpreter_on() -> bool:
+    from ..ops.dispatch import interpreter_on as on
+
+    return on()
+
+
+def kernel_of(vllm_config) -> str:
+    """The paged kernel ("torch" or "triton") of an engine's config, resolved for this process's platform."""
+    choice = vcfg.kernel_choice(getattr(vllm_config, "additional_config", None))
+    return vcfg.resolve_kernel(choice, platform_kind() == "cuda", interpreter_on())
 
 
 # ----------------------------------------------------------------------------- model structure
@@ -128,33 +192,120 @@ def needs_eager(plan: SkipPlan) -> bool:
     return bool(plan.frozen_layers or plan.decode_bypass_layers)
 
 
+def graphs_unsafe_reason(vllm_config) -> str | None:
+    """Why the vskip attention or KV write could end up inside a captured CUDA graph under this
+    config, or None when they run eagerly (between piecewise graphs, or no graphs at all)."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    if vllm_config.model_config.enforce_eager:
+        return None
+    cc = vllm_config.compilation_config
+    if cc.cudagraph_mode is None or cc.cudagraph_mode == CUDAGraphMode.NONE:
+        return None
+    try:
+        from vllm.compilation.breakable_cudagraph import is_breakable_cudagraph_enabled
+
+        if is_breakable_cudagraph_enabled():
+            return "breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH) capture the KV-cache update"
+    except ImportError:  # a release without breakable graphs
+        pass
+    if cc.mode != CompilationMode.VLLM_COMPILE:
+        # no piecewise split: only full graphs could be captured, and the builder's
+        # AttentionCGSupport.NEVER makes vLLM drop them (or refuse FULL for mixed batches)
+        return None
+    if not cc.splitting_ops_contain_attention():
+        return "attention is not one of the compilation's splitting_ops"
+    if not cc.splitting_ops_contain_kv_cache_update():
+        return "the KV-cache update is not one of the compilation's splitting_ops"
+    return None
+
+
+def _check_model_runner() -> None:
+    import vllm.envs as envs
+
+    if getattr(envs, "VLLM_USE_V2_MODEL_RUNNER", None):
+        raise PlanError(
+            "a vskip plan runs on vLLM's V1 model runner (its hooks live there); unset VLLM_USE_V2_MODEL_RUNNER"
+        )
+
+
 # ----------------------------------------------------------------------------- hooks
 def _wrap_create_engine_config(orig):
     @functools.wraps(orig)
     def create_engine_config(self, *args, **kwargs):
-        plan = vcfg.plan_from_additional_config(getattr(self, "additional_config", None))
-        if plan is not None and needs_eager(plan) and not getattr(self, "enforce_eager", False):
-            logger.info("vskip: the plan freezes or bypasses layers; running the engine eagerly")
+        additional = getattr(self, "additional_config", None)
+        plan = vcfg.plan_from_additional_config(additional)
+        choice = vcfg.kernel_choice(additional)  # checked even without a plan
+        if plan is None:
+            return orig(self, *args, **kwargs)
+        kind = platform_kind()
+        if kind not in ("cpu", "cuda"):
+            raise PlanError(f"the vskip vLLM backend runs on vLLM's CPU and CUDA platforms, not on {kind}")
+        kernel = vcfg.resolve_kernel(choice, kind == "cuda", interpreter_on())
+        _check_model_runner()
+        eager = None
+        if needs_eager(plan) and not getattr(self, "enforce_eager", False):
+            eager = "the plan freezes or bypasses layers (their branch depends on the step kind)"
             self.enforce_eager = True
-        cfg = orig(self, *args, **kwargs)
-        if plan is not None:
-            mc = cfg.model_config
-            vcfg.check_plan_for_model(plan, mc.hf_config, str(mc.model))
-            if str(mc.dtype).replace("torch.", "") not in ("float32", "float16", "bfloat16"):
-                raise PlanError(f"the vskip backend runs float32/float16/bfloat16 models, got {mc.dtype}")
-            if getattr(cfg.cache_config, "cache_dtype", "auto") != "auto":
-                raise PlanError(
-                    f"the vskip backend stores K/V in the model dtype; kv_cache_dtype="
-                    f"{cfg.cache_config.cache_dtype!r} is not supported with a plan"
-                )
-            from vllm.platforms import current_platform
-
-            if not current_platform.is_cpu():
-                use_backend(True)  # raises the clear not-supported error at start-up
+        restore = None
+        if kind == "cuda":
+            use_backend(True)
+            restore = _select_custom_backend(self)
+        try:
+            cfg = orig(self, *args, **kwargs)
+            why = graphs_unsafe_reason(cfg) if kind == "cuda" else None
+            if why is not None:
+                eager, self.enforce_eager = why, True
+                cfg = orig(self, *args, **kwargs)
+        finally:
+            if restore is not None:
+                self.attention_backend = restore[0]
+        mc = cfg.model_config
+        vcfg.check_plan_for_model(plan, mc.hf_config, str(mc.model))
+        if str(mc.dtype).replace("torch.", "") not in ("float32", "float16", "bfloat16"):
+            raise PlanError(f"the vskip backend runs float32/float16/bfloat16 models, got {mc.dtype}")
+        if getattr(cfg.cache_config, "cache_dtype", "auto") != "auto":
+            raise PlanError(
+                f"the vskip backend stores K/V in the model dtype; kv_cache_dtype="
+                f"{cfg.cache_config.cache_dtype!r} is not supported with a plan"
+            )
+        if eager is not None:
+            graphs = f"engine runs eagerly: {eager}"
+        elif mc.enforce_eager:
+            graphs = "engine runs eagerly (enforce_eager)"
+        elif kind == "cuda":
+            graphs = "attention and KV writes run eagerly between vLLM's piecewise CUDA graphs, no full graphs"
+        else:
+            graphs = "compiled; attention runs as an opaque op outside the graph"
+        logger.info("vskip: %s paged kernel on %s; %s", kernel, kind.upper(), graphs)
         return cfg
 
     create_engine_config._vskip_wrapped = True
     return create_engine_config
+
+
+def _has_plan(vllm_config) -> bool:
+    additional = getattr(vllm_config, "additional_config", None)
+    if not additional or not isinstance(additional, dict) or additional.get(vcfg.PLAN_KEY) is None:
+        return False
+    try:
+        return plan_of(vllm_config) is not None
+    except PlanError:  # reported by the create_engine_config hook
+        return False
+
+
+def _wrap_use_v2_model_runner(fget):
+    """``VllmConfig.use_v2_model_runner``: False for an engine with a plan (the hooks patch the
+    V1 model runners; vLLM 0.32 defaults to the V2 runner on CUDA)."""
+
+    @functools.wraps(fget)
+    def use_v2_model_runner(self):
+        if _has_plan(self):
+            return False
+        return fget(self)
+
+    use_v2_model_runner._vskip_wrapped = True
+    return use_v2_model_runner
 
 
 def _decoder_layers(model):
@@ -204,7 +355,7 @@ def attach(runner, plan: SkipPlan) -> None:
                 f"layer {i} got attention impl {type(impl).__name__}, not the vskip backend; another "
                 "plugin or an explicit attention backend is overriding it"
             )
-    state = ModelState(plan, vcfg.visual_token_ids(hf_config), names)
+    state = ModelState(plan, vcfg.visual_token_ids(hf_config), names, kernel_of(runner.vllm_config))
     for i, layer in enumerate(layers):
         attn = _attention_module(layer, i)
         attn._vskip_state = state
@@ -217,10 +368,11 @@ def attach(runner, plan: SkipPlan) -> None:
             layer.forward = LayerWrapper(layer, i, state, orig, attention_text_rows)
     runner._vskip_state = state
     logger.info(
-        "vskip: plan applied (vskip %s, frozen %s, decode bypass %s)",
+        "vskip: plan applied (vskip %s, frozen %s, decode bypass %s; %s paged kernel)",
         plan.vskip_layers,
         plan.frozen_layers,
         plan.decode_bypass_layers,
+        state.kernel,
     )
 
 
@@ -366,11 +518,15 @@ def install() -> None:
     ver = vllm_version()
     if not ver.startswith(TESTED_VLLM):
         logger.warning("vskip: tested with vLLM %s, running under %s", "/".join(TESTED_VLLM), ver)
+    from vllm.config import VllmConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine import core as engine_core
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     _patch(EngineArgs, "create_engine_config", _wrap_create_engine_config)
+    prop = VllmConfig.__dict__.get("use_v2_model_runner")
+    if isinstance(prop, property) and prop.fget is not None and not getattr(prop.fget, "_vskip_wrapped", False):
+        VllmConfig.use_v2_model_runner = property(_wrap_use_v2_model_runner(prop.fget))
     _patch(GPUModelRunner, "load_model", _wrap_load_model)
     _patch(GPUModelRunner, "_model_forward", _wrap_model_forward)
     try:

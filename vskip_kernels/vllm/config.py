@@ -12,23 +12,69 @@ from typing import Any
 from ..plan import PlanError, SkipPlan
 
 PLAN_KEY = "vskip_plan"
-# Other keys of ours in additional_config (reserved prefix: a typo there is an error, not ignored).
-OPTION_KEYS = (PLAN_KEY,)
+# Which paged kernel the attention backend runs: "auto" (Triton on CUDA, PyTorch on CPU),
+# "torch" or "triton" (on CPU only under TRITON_INTERPRET=1, Triton's interpreter).
+KERNEL_KEY = "vskip_backend"
+KERNELS = ("auto", "torch", "triton")
+# Our keys in additional_config (reserved prefix: a typo there is an error, not ignored).
+OPTION_KEYS = (PLAN_KEY, KERNEL_KEY)
 _WHERE = f'additional_config["{PLAN_KEY}"]'
+_KERNEL_WHERE = f'additional_config["{KERNEL_KEY}"]'
+
+
+def _as_dict(additional_config: Any) -> dict:
+    if not additional_config:
+        return {}
+    if not isinstance(additional_config, dict):
+        return getattr(additional_config, "__dict__", {}) or {}
+    return additional_config
+
+
+def _check_keys(additional_config: dict) -> None:
+    unknown = sorted(
+        k for k in additional_config if isinstance(k, str) and k.startswith("vskip") and k not in OPTION_KEYS
+    )
+    if unknown:
+        raise PlanError(f"unknown vskip option(s) {unknown} in additional_config; the options are {list(OPTION_KEYS)}")
+
+
+def kernel_choice(additional_config: Any) -> str:
+    """The value of ``additional_config["vskip_backend"]`` ("auto" when absent), checked."""
+    ac = _as_dict(additional_config)
+    _check_keys(ac)
+    value = ac.get(KERNEL_KEY)
+    if value is None:
+        return "auto"
+    if not isinstance(value, str) or value.lower() not in KERNELS:
+        raise PlanError(f"{_KERNEL_WHERE} must be one of {list(KERNELS)}, got {value!r}")
+    return value.lower()
+
+
+def resolve_kernel(choice: str, on_cuda: bool, interpreter: bool) -> str:
+    """The paged kernel the backend runs: "torch" or "triton".
+
+    ``on_cuda``: the engine runs on vLLM's CUDA platform; ``interpreter``: TRITON_INTERPRET=1 is set
+    (the Triton kernel then runs on CPU tensors in Triton's interpreter)."""
+    if choice not in KERNELS:
+        raise PlanError(f"{_KERNEL_WHERE} must be one of {list(KERNELS)}, got {choice!r}")
+    if choice == "auto":
+        return "triton" if on_cuda else "torch"
+    if choice == "triton" and not on_cuda and not interpreter:
+        raise PlanError(
+            f"{_KERNEL_WHERE} = \"triton\" on vLLM's CPU platform runs the paged Triton kernel in Triton's "
+            'interpreter, which needs TRITON_INTERPRET=1 in the environment before start-up; set it, or use "torch" '
+            'or "auto"'
+        )
+    return choice
 
 
 def plan_from_additional_config(additional_config: Any) -> SkipPlan | None:
     """The plan named by ``additional_config["vskip_plan"]`` (a path to a plan JSON file, or the
     plan as a dict), or None when there is none. An empty plan counts as none."""
+    additional_config = _as_dict(additional_config)
     if not additional_config:
         return None
-    if not isinstance(additional_config, dict):
-        additional_config = getattr(additional_config, "__dict__", {}) or {}
-    unknown = sorted(
-        k for k in additional_config if isinstance(k, str) and k.startswith("vskip") and k not in OPTION_KEYS
-    )
-    if unknown:
-        raise PlanError(f"unknown vskip option(s) {unknown} in additional_config; the option is {PLAN_KEY!r}")
+    _check_keys(additional_config)
     value = additional_config.get(PLAN_KEY)
     if value is None:
         return None

@@ -41,8 +41,10 @@ class StepInfo:
 class ModelState:
     """Created when a model with a plan is loaded; read by the attention impl and layer wrappers."""
 
-    def __init__(self, plan: SkipPlan, visual_ids: list[int], layer_names: dict[int, str]):
+    def __init__(self, plan: SkipPlan, visual_ids: list[int], layer_names: dict[int, str], kernel: str = "torch"):
         self.plan = plan
+        self.kernel = kernel  # the paged kernel the attention impl runs: "torch" or "triton"
+        self.kernel_calls = {"torch": 0, "triton": 0}  # paged-kernel calls by kernel (tests read these)
         self.layer_names = dict(layer_names)  # decoder layer index -> attention layer name
         self.policies = {i: plan.policy_for(i) for i in layer_names}
         self.bypass = set(plan.decode_bypass_layers)
