@@ -106,9 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER)
 
     dm = sub.add_parser("demo", help="calibrate, apply and compare every method on the shipped tiny VLM")
-    dm.add_argument(
-        "--quick", action="store_true", help="fewer samples, one N, one timing run (a few minutes on a CPU)"
-    )
+    dm.add_argument("--quick", action="store_true", help="fewer samples and one N (under a minute on a 2-core CPU)")
     dm.add_argument("--calibration-samples", type=int, default=None, help="default 32 (16 with --quick)")
     dm.add_argument("--eval-samples", type=int, default=None, help="default 200 (48 with --quick)")
     dm.add_argument(
@@ -131,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw accuracy vs layers skipped and the per-layer scores (needs matplotlib)",
     )
     dm.add_argument("--device", default=None)
+    dm.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: OMP_NUM_THREADS if set, else one fewer than the usable cores)",
+    )
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument(
         "--no-progress",
@@ -349,6 +353,7 @@ def cmd_demo(args) -> int:
         seed=args.seed,
         progress=False if args.no_progress else None,
         model_path=args.model,
+        threads=args.threads,
     )
     if args.plot is not None:
         from .demo_plot import plot

@@ -11,6 +11,7 @@ accuracy, token agreement, prefill and decode time.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -28,17 +29,73 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _timed_generate(model, inputs, tokens: int, repeats: int) -> float:
-    """Best wall time in ms of greedy generation of exactly ``tokens`` tokens."""
+def _generate_step_times(model, inputs, tokens: int) -> tuple[float, list[float]]:
+    """(prefill ms, [ms of each decode step]) of one greedy ``generate()`` of exactly ``tokens``
+    tokens. Each step is stamped where generate() hands its new token to the stopping criteria,
+    so decode steps are measured directly, not as the difference of two separate runs."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
     dev = inputs["input_ids"].device
-    best = float("inf")
+    stamps: list[float] = []
+
+    class _Clock(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            _sync(dev)
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    _sync(dev)
+    t0 = time.perf_counter()
+    model.generate(
+        **inputs,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        stopping_criteria=StoppingCriteriaList([_Clock()]),
+    )
+    ms = [(b - a) * 1e3 for a, b in zip([t0] + stamps, stamps)]
+    return ms[0], ms[1:]
+
+
+def time_plans(model, handle, plans, inputs, tokens: int, repeats: int) -> list[tuple[float, float]]:
+    """(median prefill ms, median decode ms per token) of each plan on ``inputs``.
+
+    One warm-up run of every plan first (the first plan must not pay for cold caches and
+    lazy initialisation), then ``repeats`` rounds that run the plans interleaved, so a burst
+    of load from another process spreads over all plans instead of landing on one."""
+    import statistics
+
+    for plan in plans:
+        handle.set_plan(plan)
+        _generate_step_times(model, inputs, tokens)
+    prefill: list[list[float]] = [[] for _ in plans]
+    decode: list[list[float]] = [[] for _ in plans]
     for _ in range(repeats):
-        _sync(dev)
-        t0 = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        _sync(dev)
-        best = min(best, (time.perf_counter() - t0) * 1e3)
-    return best
+        for i, plan in enumerate(plans):
+            handle.set_plan(plan)
+            p, steps = _generate_step_times(model, inputs, tokens)
+            prefill[i].append(p)
+            decode[i].extend(steps)
+    return [(statistics.median(p), statistics.median(d)) for p, d in zip(prefill, decode)]
+
+
+def _threads_note(dev) -> str:
+    n = torch.get_num_threads()
+    return f" ({n} thread{'s' if n > 1 else ''})" if dev.type == "cpu" else ""
+
+
+def demo_threads() -> int:
+    """CPU threads for the demo: OMP_NUM_THREADS when the user set it, else one fewer than
+    the cores this process may use (at least one). torch's default uses every core, and its
+    OpenMP loops wait for their slowest thread: with one core busy elsewhere the demo then
+    ran 8x slower on a 2-core machine (90 s vs 11 s quiet), against 1.0x with one thread."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def _bar(total: int, enabled: bool, desc: str):
@@ -92,9 +149,26 @@ def run_demo(
     seed: int = 0,
     progress: bool | None = None,
     model_path: str | None = None,
+    threads: int | None = None,
     out=print,
 ) -> dict:
-    """Calibrate every method, apply each plan for every budget, evaluate; print and return the results."""
+    """Calibrate every method, apply each plan for every budget, evaluate; print and return the results.
+
+    On a CPU the demo runs with ``threads`` torch threads (default ``demo_threads()``) and
+    restores torch's setting afterwards."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    before = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(threads or demo_threads())
+    try:
+        return _run_demo(quick, calibration_samples, eval_samples, budgets, dev, seed, progress, model_path, out)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_demo(quick, calibration_samples, eval_samples, budgets, dev, seed, progress, model_path, out) -> dict:
     from .calibrate import calibrate
     from .calibrate._common import TARGET_FIELDS, lowest
     from .hf import apply_skip_plan, num_decoder_layers
@@ -113,14 +187,13 @@ def run_demo(
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if progress is None:  # bars only on a terminal: in logs and CI they are noise
         progress = sys.stderr.isatty()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model, processor = load_pretrained(model_path, device=dev, dtype=dtype)
     num = num_decoder_layers(model)
     budgets = _check_budgets(budgets if budgets is not None else ([num // 3] if quick else list(range(2, num, 2))), num)
     tokens = 9  # the longest answer ("triangle") plus EOS
     batch_size = 64
-    repeats = 1 if quick else 2
+    repeats = 3  # interleaved rounds per plan after a warm-up round; medians over them
 
     cal_samples = samples("calibration", 0, n_cal)
     cal = [prepare_inputs(encode_prompts(processor, cal_samples[i : i + 16]), model) for i in range(0, n_cal, 16)]
@@ -129,7 +202,7 @@ def run_demo(
     n_vis = int((timing["input_ids"][0] == model.config.image_token_id).sum())
     out(
         f"model: tiny LLaVA trained on synthetic scenes, {num} decoder layers, {n_vis} visual tokens per image, "
-        f"{dtype} on {dev}; calibration on {n_cal} samples, evaluation on {n_eval} "
+        f"{dtype} on {dev}{_threads_note(dev)}; calibration on {n_cal} samples, evaluation on {n_eval} "
         f"(chance {chance_accuracy(s.qtype for s in ev) * 100:.1f}%), N = {budgets}"
     )
 
@@ -160,8 +233,6 @@ def run_demo(
                 acc, gen = _evaluate(model, processor, ev, batch_size, tokens)
                 if dense is None:
                     dense = gen
-                prefill = _timed_generate(model, timing, 1, repeats)
-                total = _timed_generate(model, timing, tokens, repeats)
                 rows.append(
                     {
                         "mode": mode,
@@ -170,12 +241,13 @@ def run_demo(
                         "layers": getattr(plan, TARGET_FIELDS[mode]) if mode != "dense" else [],
                         "accuracy": acc,
                         "agreement": _agreement(gen, dense, EOS),
-                        "prefill_ms": prefill,
-                        "decode_ms_per_token": max(total - prefill, 0.0) / (tokens - 1),
                     }
                 )
                 if bar is not None:
                     bar.update()
+            times = time_plans(model, handle, [p[3] for p in plans], timing, tokens, repeats)
+            for row, (prefill, decode) in zip(rows, times):
+                row["prefill_ms"], row["decode_ms_per_token"] = prefill, decode
     finally:
         handle.remove()
         if bar is not None:

@@ -231,6 +231,9 @@ def test_demo_end_to_end(capsys):
         assert row[2] == "3"
         layers = json.loads(" ".join(row[3:-5]))
         assert len(layers) == 3 and all(0 <= i < 12 for i in layers)
+    # decode steps are timed directly: never the 0.00 that a clamped difference of two runs gave
+    assert all(float(row[-1]) > 0 and float(row[-2]) > 0 for row in table)
+    assert " thread" in lines[0]
     assert len(lines) - end - 2 == 12  # one score line per decoder layer
     assert "\r" not in err and "it/s" not in err  # no progress bars when asked for none
 
@@ -241,8 +244,9 @@ def test_demo_end_to_end(capsys):
         (["--budgets", "0"], "budgets must be ints in [1, 11]"),
         (["--budgets", "12"], "budgets must be ints in [1, 11]"),
         (["--eval-samples", "0"], "eval_samples must be a positive int"),
+        (["--threads", "0"], "threads must be a positive int"),
     ],
-    ids=["budgets=0", "budgets=12", "eval_samples=0"],
+    ids=["budgets=0", "budgets=12", "eval_samples=0", "threads=0"],
 )
 def test_demo_bad_arguments(capsys, argv, needle):
     _one_line_error(*_run(capsys, "demo", *argv, "--no-progress")[::2], needle)
