@@ -236,9 +236,43 @@ def test_block_sizes_by_target():
     assert ta._default_blocks(80, "bf16", 64) == (128, 64)
     assert ta._default_blocks(86, "fp16", 128) == (64, 64)
     assert ta._default_blocks(89, "bf16", 256) == (64, 32)
+    assert {ta._default_blocks(cc, "fp32", d) for cc in ta.TARGETS for d in ta.HEAD_DIMS} == {(16, 16)}
     q = torch.zeros(1, 1, 4, 64, dtype=torch.float16)
     bm, bn = ta.block_sizes(q)
     assert bm in (16, 32, 64, 128) and bn in (16, 32, 64, 128)
+
+
+def test_configs_fit_shared_memory_and_registers():
+    """configs_for keeps what fits both: 4 warps only for 64x64 tiles at D=64; 128-row tiles
+    and head dims above 64 take 8 warps (with 4 they spill: REG_BUDGET's measurements)."""
+    assert ta.configs_for(80, "fp16", 128, 128, 64) == [(8, 2), (8, 3), (8, 4)]
+    assert ta.configs_for(90, "bf16", 64, 128, 64) == [(8, 2), (8, 3), (8, 4)]
+    assert ta.configs_for(86, "fp16", 64, 64, 64) == list(ta.TUNE_CONFIGS)
+    for d in (80, 96, 128):
+        assert ta.configs_for(89, "bf16", d, 64, 64) == [(8, 2)]  # only two stages fit 99 KiB
+    assert ta.configs_for(86, "fp16", 256, 64, 32) == [(8, 2)]
+    assert ta.configs_for(80, "fp16", 256, 64, 64) == [(8, 2)]
+    for cc in ta.TARGETS:
+        for dtype in ("fp16", "bf16", "fp32"):
+            for d in ta.HEAD_DIMS:
+                bm, bn = ta._default_blocks(cc, dtype, d)
+                fits = ta.configs_for(cc, dtype, d, bm, bn)
+                assert fits and all(ta.reg_estimate(bm, bn, d, dtype, w) <= ta.REG_BUDGET for w, _ in fits)
+                assert all(ta.smem_estimate(cc, bm, bn, d, dtype, s) <= ta.SMEM_LIMITS[cc] for _, s in fits)
+
+
+def test_registry_lists_exactly_the_launchable_configs():
+    """aot_specs registers each (tile, config, head dim, dtype) on exactly the targets whose
+    default tile and configs_for pick it: nothing launchable escapes the compile gate."""
+    registered = {(s.name, cc) for s in ta.aot_specs() for cc in s.targets}
+    launchable = set()
+    for cc in ta.TARGETS:
+        for dtype in ("fp16", "bf16", "fp32"):
+            for d in ta.HEAD_DIMS:
+                bm, bn = ta._default_blocks(cc, dtype, d)
+                for w, s in ta.configs_for(cc, dtype, d, bm, bn):
+                    launchable.add((f"attn_{dtype}_d{d}_m{bm}n{bn}_w{w}s{s}", cc))
+    assert registered == launchable
 
 
 def test_unsupported_combinations_raise():
@@ -251,6 +285,10 @@ def test_unsupported_combinations_raise():
     huge = plan_schedule(vis, am, policy="dense", block_m=128, block_n=128)
     with pytest.raises(ValueError, match="shared memory"):
         ta.prefill_forward(q32, k32, v32, huge, 0.0625, False, False)
+    # fits shared memory, but not the registers of any warp count (it would spill)
+    q16, k16, v16 = make_qkv(1, 1, 1, nq, vis.shape[1], 128, torch.float16)
+    with pytest.raises(ValueError, match="registers"):
+        ta.prefill_forward(q16, k16, v16, huge, 0.0884, False, False)
     with pytest.raises(ValueError, match="head dims"):
         ta.block_sizes(torch.zeros(1, 1, 4, 512, dtype=torch.float16))
     with pytest.raises(ValueError, match="float16"):

@@ -193,6 +193,19 @@ def test_attention_mass_output_agrees(backend, nq, policy, layout):
     assert (from_attn - direct).abs().max().item() <= 2 * (reflp - ref32).abs().max().item() + ATOL
 
 
+def test_specs_cover_every_launch_shape():
+    """The compile gate sees every (dtype, padded width, row block) visual_mass launches,
+    with the launcher's key block and warps."""
+    specs = [s for s in tvm.aot_specs() if s.name.startswith("mass_split_")]
+    for dt in ("fp16", "bf16", "fp32"):
+        for block_d in tvm.BLOCK_DS:
+            for block_m in tvm.row_blocks(dt):
+                hit = [s for s in specs if s.name.startswith(f"mass_split_{dt}_bd{block_d}_m{block_m}_")]
+                assert len(hit) == 1, (dt, block_d, block_m)
+                assert hit[0].num_warps == tvm.SPLIT_WARPS
+                assert hit[0].constexprs["BLOCK_N"] == tvm.split_block_n(block_d, dt)
+
+
 @pytest.mark.cuda
 class TestCuda:
     @pytest.mark.parametrize("d", (64, 80, 96, 128, 256))

@@ -31,9 +31,27 @@ from .common import (  # noqa: F401
 )
 from .spec import SMEM_LIMITS, TARGETS, AotSpec, register_specs
 
-# Autotune varies only these; tile sizes come from the schedule.
-TUNE_CONFIGS = ((4, 2), (4, 3), (8, 3), (8, 4))
+# Autotune varies only these (num_warps, num_stages); tile sizes come from the schedule.
+# configs_for keeps those whose shared memory and registers fit the target. (8, 2) is the
+# one config of tiles that fit only two stages (sm86/89 at D > 64, D=256 elsewhere) and
+# need 8 warps to fit the registers.
+TUNE_CONFIGS = ((4, 2), (4, 3), (8, 2), (8, 3), (8, 4))
 HEAD_DIMS = (64, 80, 96, 128, 256)
+
+# Registers. Per thread, the KV loop keeps live (in 32-bit words, each tile spread over the
+# 32 * num_warps threads): the fp32 accumulator (BLOCK_M x BLOCK_D), the fp32 scores S
+# (BLOCK_M x BLOCK_N), the Q operand (BLOCK_M x BLOCK_D) and the K and V tiles on their way
+# through registers (copy addresses, ldmatrix fragments; BLOCK_N x BLOCK_D each). ptxas has
+# 255 registers per thread; pointers, the row statistics (m, l, visual mass), masks and loop
+# state take the rest. Measured (ptxas -v, fp16/bf16, sm80-sm90, every stage count): 176
+# words or fewer compile without spills (64x64 tiles at D=256 with 8 warps: 176; 128x64 at
+# D=128 with 8 warps: 160), 192 or more spill (128x64 at D=64 with 4 warps: 192, 44-92 bytes
+# on sm80; 64x64 at D=128 with 4 warps: 192, 8-16 bytes; 128x64 at D=128 with 4 warps: 320,
+# 1000+ bytes). In practice: 4 warps only for 64x64 tiles at D=64; a 128-row tile or a head
+# dim above 64 needs 8 warps. One rule for every target, so it is conservative on sm90,
+# whose wgmma keeps Q in shared memory (128x64 at D=64 with 4 warps fits there). fp32's FMA
+# dots are not this model's: their default tile is chosen for them (_default_blocks).
+REG_BUDGET = 176
 
 
 # ----------------------------------------------------------------------------- tile sizes / smem
@@ -69,16 +87,33 @@ def _smem_limit(cc: int) -> int:
     return SMEM_LIMITS[max(known)] if known else min(SMEM_LIMITS.values())
 
 
-def configs_for(cc: int, dtype: str, head_dim: int, block_m: int, block_n: int) -> list[tuple[int, int]]:
-    """(num_warps, num_stages) configs whose shared memory fits sm_<cc>."""
+def reg_estimate(block_m: int, block_n: int, head_dim: int, dtype: str, num_warps: int) -> int:
+    """32-bit words per thread of the tiles the KV loop keeps live; at most REG_BUDGET fits."""
+    e, bd = ELEM[dtype], block_d_for(head_dim)
+    words = block_m * bd + block_m * block_n + (block_m * bd + 2 * block_n * bd) * e // 4
+    return words // (32 * num_warps)
+
+
+def _smem_fits(cc: int, dtype: str, head_dim: int, block_m: int, block_n: int) -> list[tuple[int, int]]:
     lim = _smem_limit(cc)
     return [(w, s) for w, s in TUNE_CONFIGS if smem_estimate(cc, block_m, block_n, head_dim, dtype, s) <= lim]
 
 
+def configs_for(cc: int, dtype: str, head_dim: int, block_m: int, block_n: int) -> list[tuple[int, int]]:
+    """(num_warps, num_stages) configs whose shared memory fits sm_<cc> and whose tiles fit
+    the registers (``reg_estimate`` within REG_BUDGET: no spills)."""
+    return [(w, s) for w, s in _smem_fits(cc, dtype, head_dim, block_m, block_n)
+            if reg_estimate(block_m, block_n, head_dim, dtype, w) <= REG_BUDGET]
+
+
 def _default_blocks(cc: int, dtype: str, head_dim: int) -> tuple[int, int]:
     big_smem = cc in (80, 90) or cc >= 100 or cc == 87
-    if dtype == "fp32":  # correctness path (exact fp32 dots): small tiles fit every target
-        return (32, 32) if head_dim <= 128 else (16, 16)
+    if dtype == "fp32":
+        # Correctness path (exact FMA dots, no tensor cores): the FMA lowering's registers
+        # follow the tile and the pipeline depth erratically (32x32 at D=128 spilled 1450
+        # bytes with 4 warps, 8-600 with 8 warps and 2 stages); 16x16 tiles compile without
+        # spills with every config on every target and fit sm86/89's shared memory.
+        return 16, 16
     if head_dim <= 128 and big_smem:
         return 128, 64
     if head_dim <= 128:
@@ -154,9 +189,14 @@ def prefill_forward(q, k, v, schedule: Schedule, softmax_scale: float, want_mass
     cc = _capability(q.device)
     fitting = configs_for(cc, dtype, d, bm, bn)
     if not fitting:
-        raise ValueError(f"block {bm}x{bn} with head dim {d} in {q.dtype} does not fit the shared memory of "
-                         f"sm_{cc} ({_smem_limit(cc)} bytes); plan the schedule with smaller block_m/block_n "
-                         f"(block_sizes(q) gives {block_sizes(q)})")
+        hint = f"plan the schedule with smaller block_m/block_n (block_sizes(q) gives {block_sizes(q)})"
+        if not _smem_fits(cc, dtype, d, bm, bn):
+            raise ValueError(f"block {bm}x{bn} with head dim {d} in {q.dtype} does not fit the shared memory of "
+                             f"sm_{cc} ({_smem_limit(cc)} bytes); {hint}")
+        w = max(w for w, _ in TUNE_CONFIGS)
+        raise ValueError(f"block {bm}x{bn} with head dim {d} in {q.dtype} needs {reg_estimate(bm, bn, d, dtype, w)} "
+                         f"registers per thread for its tiles even with {w} warps (at most {REG_BUDGET} compile "
+                         f"without spills); {hint}")
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     mass = torch.empty((bsz, hq, nq), dtype=torch.float32, device=q.device) if want_mass else None
@@ -222,49 +262,33 @@ def _signature(dtype: str) -> dict:
 
 @register_specs
 def aot_specs() -> list[AotSpec]:
-    """Every (autotune config x default tile size x head dim) the launcher can pick, with
-    the architectures the gate compiles it for.
+    """Every (autotune config x default tile x head dim x dtype) the launcher can pick, with
+    exactly the targets that pick it (``configs_for`` on the target's default tile), so the
+    compile gate sees everything that can run.
 
-    Shared memory depends only on tile sizes x BLOCK_D (next power of two of the head
-    dim) x element size, which keeps the gate within minutes on a small CPU:
-    - fp16: every config that fits, on every architecture that picks the tile, for
-      BLOCK_D 64, 128 and 256; D=80 and D=96 (BLOCK_D 128, same smem as D=128) in
-      their deepest config.
-    - bf16 has fp16's smem: its deepest config once per head dim (first target).
-    - fp32 (exact FMA dots, same tiles everywhere): deepest config on sm86 (least smem)
-      and sm90 (different lowering).
-    WANT_MASS=True with POLICY=vskip and VISUAL_SELF is the largest code (mass adds
-    registers, not shared memory); the other variants only drop terms.
+    D=80 and D=96 share BLOCK_D=128 (and shared memory) with D=128 but compile their own
+    masked head-dim loads, so each head dim is its own spec. WANT_MASS=True with
+    POLICY=vskip and VISUAL_SELF is the largest code (mass adds registers, not shared
+    memory); the other variants only drop terms.
     """
     kernel = compilable(attn_fwd_kernel)
     specs = []
     for d in HEAD_DIMS:
         for dtype in ("fp16", "bf16", "fp32"):
-            sig = _signature(dtype)
-            for bm, bn in sorted({_default_blocks(cc, dtype, d) for cc in TARGETS}, reverse=True):
-                users = [cc for cc in TARGETS if _default_blocks(cc, dtype, d) == (bm, bn)]
-                fits = {cc: configs_for(cc, dtype, d, bm, bn) for cc in users}
-                if dtype == "fp16" and d in (64, 128, 256):
-                    jobs = [((w, s), tuple(cc for cc in users if (w, s) in fits[cc])) for w, s in TUNE_CONFIGS]
-                else:
-                    common = [c for c in TUNE_CONFIGS if all(c in fits[cc] for cc in users)]
-                    if not common:
-                        raise AssertionError(f"no config fits every user of tile {bm}x{bn} for {dtype} D={d}")
-                    deepest = max(common, key=lambda c: (c[1], c[0]))
-                    targets = {"fp16": tuple(users), "bf16": tuple(users[:1]),
-                               "fp32": tuple(cc for cc in users if cc in (86, 90))}[dtype]
-                    jobs = [(deepest, targets)]
-                for (w, s), targets in jobs:
-                    if not targets:
-                        continue
-                    specs.append(aot_spec(
-                        name=f"attn_{dtype}_d{d}_m{bm}n{bn}_w{w}s{s}",
-                        fn=kernel,
-                        signature=sig,
-                        constexprs={"HEAD_DIM": d, "BLOCK_D": block_d_for(d), "BLOCK_M": bm, "BLOCK_N": bn,
-                                    "POLICY": 1, "VISUAL_SELF": True, "WANT_MASS": True, "WANT_LSE": True,
-                                    "COUNT_TILES": False, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "DOT_F32": False,
-                                    **{n: 1 for n in _UNIT_STRIDES}},
-                        num_warps=w, num_stages=s, targets=targets,
-                    ))
+            launched: dict[tuple[int, int, int, int], list[int]] = {}  # (bm, bn, w, s) -> targets
+            for cc in TARGETS:
+                bm, bn = _default_blocks(cc, dtype, d)
+                for w, s in configs_for(cc, dtype, d, bm, bn):
+                    launched.setdefault((bm, bn, w, s), []).append(cc)
+            for (bm, bn, w, s), targets in launched.items():
+                specs.append(aot_spec(
+                    name=f"attn_{dtype}_d{d}_m{bm}n{bn}_w{w}s{s}",
+                    fn=kernel,
+                    signature=_signature(dtype),
+                    constexprs={"HEAD_DIM": d, "BLOCK_D": block_d_for(d), "BLOCK_M": bm, "BLOCK_N": bn,
+                                "POLICY": 1, "VISUAL_SELF": True, "WANT_MASS": True, "WANT_LSE": True,
+                                "COUNT_TILES": False, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                                "DOT_F32": False, **{n: 1 for n in _UNIT_STRIDES}},
+                    num_warps=w, num_stages=s, targets=tuple(targets),
+                ))
     return specs

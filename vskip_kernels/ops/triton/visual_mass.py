@@ -53,6 +53,12 @@ from .spec import AotSpec, register_specs
 _BIG = 1 << 30
 CPU_SPLITS = 3  # interpreter: a small fixed split count so tests cross split boundaries
 MERGE_ROWS = 64
+# Warps of the split kernel. Measured (ptxas -v, sm80-sm90): with 4 warps some (dtype, width,
+# row block) spill even well below 255 registers (fp16/bf16 width 64 with 64 rows on sm80:
+# 12 bytes at 168 registers; fp32 width 256 on sm86/89: 4 bytes at 96; fp32 width 128: 64-108
+# bytes); with 8 warps every one compiles without spills or local memory on every target,
+# both epilogues, and the per-SM warp count stays about the same.
+SPLIT_WARPS = 8
 
 
 def num_splits(programs: int, key_blocks: int, device: torch.device) -> int:
@@ -251,7 +257,7 @@ def visual_mass(q, k, kind, q_pos, policy: str, visual_self: bool, softmax_scale
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         POLICY=POLICY_CODES[policy], VISUAL_SELF=bool(visual_self), DIRECT=direct,
         COUNT_TILES=counter is not None, F32_DOT=f32_dot(q.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=SPLIT_WARPS, num_stages=2,
     )
     if not direct:
         _mass_merge_kernel[(bsz * hkv, triton.cdiv(rows, MERGE_ROWS))](
@@ -280,18 +286,16 @@ def _split_signature(dt: str) -> dict:
 def aot_specs() -> list[AotSpec]:
     """Every tile shape the visual-mass kernels launch with.
 
-    As in triton/decode.py: the head dim is a runtime mask bound (one kernel per
-    padded width), fp16 covers every row block, bf16 (same width, same shared
-    memory) and fp32 are compiled once per width at their largest tile, and the
-    mask constexprs are compiled at their heaviest setting (vskip with self
-    blocks, counting on). The small row block is the few-rows case, so it is
-    compiled with partials (split), the large one with the direct epilogue.
+    As in triton/decode.py: the head dim is a runtime mask bound (one kernel per padded
+    width), and the mask constexprs are compiled at their heaviest setting (vskip with
+    self blocks, counting on). Every (dtype, width, row block) is compiled: the small row
+    block with partials (split), the large one with the direct epilogue, the case each
+    serves most (the epilogues differ only in their last stores).
     """
     specs = []
     for dt in ("fp16", "bf16", "fp32"):
-        for block_d in BLOCK_DS if dt != "fp32" else BLOCK_DS[-1:]:
-            blocks = row_blocks(dt) if dt == "fp16" else row_blocks(dt)[-1:]
-            for block_m in blocks:
+        for block_d in BLOCK_DS:
+            for block_m in row_blocks(dt):
                 direct = block_m == ROW_BLOCKS[-1]
                 specs.append(aot_spec(
                     name=f"mass_split_{dt}_bd{block_d}_m{block_m}_{'direct' if direct else 'split'}",
@@ -299,7 +303,7 @@ def aot_specs() -> list[AotSpec]:
                     constexprs=dict(BLOCK_M=block_m, BLOCK_N=split_block_n(block_d, dt), BLOCK_D=block_d,
                                     POLICY=1, VISUAL_SELF=True, DIRECT=direct,
                                     COUNT_TILES=True, F32_DOT=dt == "fp32"),
-                    num_warps=4, num_stages=2,
+                    num_warps=SPLIT_WARPS, num_stages=2,
                 ))
     merge_sig = dict(LSE_PART="*fp32", VIS_PART="*fp32", MASS="*fp32", n_kv_heads="i32", group="i32",
                      n_sel="i32", num_splits="i32", BLOCK_ROWS="constexpr")
