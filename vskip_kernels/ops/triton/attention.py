@@ -99,11 +99,17 @@ def _smem_fits(cc: int, dtype: str, head_dim: int, block_m: int, block_n: int) -
     return [(w, s) for w, s in TUNE_CONFIGS if smem_estimate(cc, block_m, block_n, head_dim, dtype, s) <= lim]
 
 
+# fp32 is the correctness path (exact FMA dots, no tensor cores): one config, not tuned,
+# so the gate compiles one kernel per tile instead of five that nobody tunes for speed.
+FP32_CONFIG = (4, 2)
+
+
 def configs_for(cc: int, dtype: str, head_dim: int, block_m: int, block_n: int) -> list[tuple[int, int]]:
     """(num_warps, num_stages) configs whose shared memory fits sm_<cc> and whose tiles fit
-    the registers (``reg_estimate`` within REG_BUDGET: no spills)."""
+    the registers (``reg_estimate`` within REG_BUDGET: no spills); fp32: ``FP32_CONFIG``."""
     return [(w, s) for w, s in _smem_fits(cc, dtype, head_dim, block_m, block_n)
-            if reg_estimate(block_m, block_n, head_dim, dtype, w) <= REG_BUDGET]
+            if reg_estimate(block_m, block_n, head_dim, dtype, w) <= REG_BUDGET
+            and (dtype != "fp32" or (w, s) == FP32_CONFIG)]
 
 
 def _default_blocks(cc: int, dtype: str, head_dim: int) -> tuple[int, int]:
