@@ -74,16 +74,124 @@ def test_bad_plans_fail_at_start_up(llava, tmp_path):
         H.make_llm(llava, None, additional_config={"vskip_plam": "plan.json"})
 
 
-def test_plan_given_as_dict_is_applied(llava):
+def test_plan_given_as_dict_is_applied(llava, monkeypatch):
+    """Also: vLLM's CPU attention kernels never run for a plan's layers (they would raise here),
+    and the CPU platform's default block size (128) is split into the kernels' 64-token blocks."""
+    from vllm import _custom_ops as ops
+
+    def never(*args, **kwargs):
+        raise AssertionError("vLLM's CPU attention kernels ran with a vskip plan")
+
+    for name in ("cpu_attention_with_kv_cache", "cpu_attn_reshape_and_cache", "cpu_attn_get_scheduler_metadata"):
+        monkeypatch.setattr(ops, name, never)
     plan = {"format": "vskip-plan/1", "num_layers": 4, "vskip_layers": [1]}
-    llm = H.make_llm(llava, None, additional_config={"vskip_plan": json.loads(json.dumps(plan))})
+    llm = H.make_llm(llava, None, additional_config={"vskip_plan": json.loads(json.dumps(plan))}, block_size=128)
     try:
         impl, counts = H.plan_state(llm)
         assert impl == "VskipAttentionImpl"
+
+        def cache_shape(worker):
+            layers = worker.model_runner.get_model().language_model.model.layers
+            return tuple(layers[0].self_attn.attn.kv_cache.shape)
+
+        assert llm.collective_rpc(cache_shape)[0][2] == 64  # [kernel blocks, Hkv, 64, 2 * D]
         H.generate(llm, H.prompts("llava", 2, seed=4), n=3)
         assert H.plan_state(llm)[1]["prefill"] >= 1
+        kernel, calls = H.kernel_state(llm)
+        assert kernel == "torch" and calls["torch"] > 0 and calls["triton"] == 0
     finally:
         H.close(llm)
+
+
+def test_backend_option_is_checked_at_start_up(llava, tmp_path, monkeypatch):
+    plan = H.plan_file(tmp_path, "V", "llava", vskip_layers=[1])
+    with pytest.raises(PlanError, match=r"vskip_backend.*one of \['auto', 'torch', 'triton'\], got 'cuda'"):
+        H.make_llm(llava, plan, backend="cuda")
+    with pytest.raises(PlanError, match=r"vskip_backend.*got 'fast'"):
+        H.make_llm(llava, None, backend="fast")  # checked without a plan too
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(PlanError, match=r'vskip_backend"\] = "triton" on vLLM\'s CPU platform.*TRITON_INTERPRET=1'):
+        H.make_llm(llava, plan, backend="triton")
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(PlanError, match="V1 model runner"):
+        H.make_llm(llava, plan)
+
+
+def test_backend_classes_as_vllms_selector_sees_them(monkeypatch):
+    """The backend as vLLM's CUDA platform selects it (CudaPlatform.get_attn_backend_cls, which
+    imports on the CPU build once its native module is stubbed), its cache layout and graph support."""
+    import sys
+    import types
+
+    import torch
+    from vllm.platforms.interface import DeviceCapability
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+    from vllm.v1.kv_cache_interface import KVCacheLayout
+
+    from vskip_kernels.vllm import compat
+    from vskip_kernels.vllm.backend import VskipAttentionBackend as B
+
+    assert AttentionBackendEnum[B.get_name()] is AttentionBackendEnum.CUSTOM
+    assert B.get_builder_cls().get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
+    assert B.supported_kv_cache_layouts()[0] == KVCacheLayout.LBHNC
+    assert not B.forward_includes_kv_cache_update
+    cap = DeviceCapability(9, 0)
+
+    def reasons(**kw):
+        base = dict(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None)
+        return B.validate_configuration(device_capability=cap, **AttentionSelectorConfig(**{**base, **kw})._asdict())
+
+    assert reasons() == [] and reasons(dtype=torch.float32, block_size=128) == []
+    assert reasons(head_size=8) == ["head_size not supported"]
+    assert reasons(kv_cache_dtype="fp8") == ["kv_cache_dtype not supported"]
+    assert reasons(block_size=8) == ["block_size not supported"]
+    assert reasons(has_sliding_window=True, has_sink=True) == [
+        "attention sinks not supported",
+        "sliding window not supported",
+    ]
+    assert reasons(attn_type="encoder_only") == ["attention type encoder_only not supported"]
+
+    monkeypatch.setitem(sys.modules, "vllm._C_stable_libtorch", types.ModuleType("vllm._C_stable_libtorch"))
+    from vllm.platforms.cuda import CudaPlatform
+
+    monkeypatch.setattr(CudaPlatform, "get_device_capability", classmethod(lambda cls, device_id=0: cap))
+    from vllm.v1.attention.backends.registry import register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, compat.BACKEND_PATH)
+    try:
+        cfg = AttentionSelectorConfig(head_size=64, dtype=torch.float16, kv_cache_dtype="auto", block_size=None)
+        assert CudaPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, cfg) == compat.BACKEND_PATH
+        bad = cfg._replace(kv_cache_dtype="fp8")
+        with pytest.raises(ValueError, match="kv_cache_dtype not supported"):
+            CudaPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, bad)
+    finally:
+        AttentionBackendEnum.CUSTOM.clear_override()
+
+
+def test_cuda_graph_decision():
+    """vskip attention and KV writes must stay out of captured graphs: with vLLM's default
+    splitting ops they are graph breaks; a compilation that would capture them runs eagerly."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+
+    from vskip_kernels.vllm import compat
+
+    def cfg(graphs=CUDAGraphMode.FULL_AND_PIECEWISE, **kw):
+        cc = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=graphs, **kw)
+        cc.set_splitting_ops_for_v1(all2all_backend="allgather_reducescatter")
+        return SimpleNamespace(model_config=SimpleNamespace(enforce_eager=False), compilation_config=cc)
+
+    assert compat.graphs_unsafe_reason(cfg()) is None  # 0.32's defaults: attention + KV update split
+    assert compat.graphs_unsafe_reason(cfg(CUDAGraphMode.PIECEWISE)) is None
+    assert "attention" in str(compat.graphs_unsafe_reason(cfg(splitting_ops=[])))  # (vLLM: FULL graphs)
+    only_attention = cfg(splitting_ops=list(CompilationConfig._attention_ops))
+    assert "KV-cache update" in str(compat.graphs_unsafe_reason(only_attention))
+    none = cfg()
+    none.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+    assert compat.graphs_unsafe_reason(none) is None
 
 
 def test_engine_core_in_its_own_process(llava, tmp_path):

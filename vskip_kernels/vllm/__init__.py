@@ -6,14 +6,16 @@ vLLM loads this through the entry point ``vskip`` of the group ``vllm.general_pl
     LLM(model=..., additional_config={"vskip_plan": "plan.json"})
     vllm serve MODEL --additional-config '{"vskip_plan": "plan.json"}'
 
+``additional_config["vskip_backend"]`` picks the paged kernel: ``"auto"`` (Triton on CUDA,
+PyTorch on CPU), ``"torch"`` or ``"triton"`` (on CPU under ``TRITON_INTERPRET=1`` only).
 Without ``vskip_plan`` (or with an empty plan) vLLM runs exactly as without the plugin.
 """
 
 from __future__ import annotations
 
-from .config import PLAN_KEY, plan_from_additional_config
+from .config import KERNEL_KEY, PLAN_KEY, plan_from_additional_config
 
-__all__ = ["register", "PLAN_KEY", "plan_from_additional_config"]
+__all__ = ["register", "PLAN_KEY", "KERNEL_KEY", "plan_from_additional_config"]
 
 
 def register() -> None:

@@ -1,28 +1,60 @@
-"""Everything that touches vLLM's internals, in one place (tested with vLLM 0.32, CPU build).
+"""Everything that touches vLLM's internals, in one place (tested with vLLM 0.32's CPU build).
+
+The attention backend (``backend.py``: backend, metadata, builder, impl, KV layout) is the same
+on vLLM's CPU and CUDA platforms; only its registration differs:
+
+* **CPU**: the platform returns ``AttentionBackendEnum.CPU_ATTN`` whatever the user asks for,
+  so that entry is pointed at our backend (the registry lets a plugin override an entry).
+* **CUDA**: ``AttentionBackendEnum.CUSTOM`` is pointed at our backend and the engine's
+  attention backend is set to ``CUSTOM`` at start-up (an explicit other backend is a
+  ``PlanError``); the CUDA platform's selector then checks it with
+  ``validate_configuration`` (head size, dtype, KV-cache dtype, block size, attention type).
+  Engines with a plan run on vLLM's V1 model runner (``VllmConfig.use_v2_model_runner`` is
+  False for them: 0.32 defaults to the V2 runner on CUDA, the hooks below patch the V1 one).
 
 Hooks installed by ``install()`` (idempotent; each does nothing unless the engine's
 ``additional_config`` names a non-empty plan, so without a plan vLLM runs untouched):
 
-* ``EngineArgs.create_engine_config``: reads and validates the plan at start-up, in the
-  front-end process (a bad plan fails ``LLM(...)`` / ``vllm serve`` before any request),
-  and runs the engine eagerly when the plan freezes or bypasses layers (see below).
-* the model runners' ``load_model``: registers the vskip backend in place of ``CPU_ATTN``
-  (vLLM's CPU platform ignores a user's backend choice, and the registry lets a plugin
-  override an enum entry) before the model is built, and, after loading, attaches a
-  ``ModelState`` to the decoder layers' attention modules and wraps frozen/bypassed layers.
-* the model runners' ``_model_forward`` (called inside vLLM's forward context): computes
-  the step's token kinds and decode rows, writes the kinds through ``slot_mapping``.
+* ``EngineArgs.create_engine_config``: reads and validates the plan and
+  ``additional_config["vskip_backend"]`` at start-up, in the front-end process (a bad plan or
+  option fails ``LLM(...)`` / ``vllm serve`` before any request), selects the backend on CUDA,
+  decides what runs eagerly (below) and logs it in one line.
+* the model runners' ``load_model``: registers the backend before the model is built, and,
+  after loading, attaches a ``ModelState`` (plan, paged kernel) to the decoder layers'
+  attention modules and wraps frozen/bypassed layers.
+* the model runners' ``_model_forward`` (called inside vLLM's forward context, outside any
+  compiled or captured graph): computes the step's token kinds and decode rows, writes the
+  kinds through ``slot_mapping``.
 * ``EngineCore.__init__``: with decode-bypass layers, blocks holding generated tokens get
   per-request prefix-cache hashes, so they are never served to another request (a bypassed
   layer writes no usable K/V for generated tokens; a multi-turn prompt that repeats an
   answer must be prefilled in every layer).
 
-Step kinds vs compiled graphs: the branch between "whole layer skipped" (pure decode step),
-"decode rows kept" (mixed step) and "layer runs" is Python in the layer wrapper. A compiled
-or captured graph would freeze one branch for every step of the same shape, so a plan with
-frozen or decode-bypass layers runs the engine eagerly (``enforce_eager``); a plan with only
-vskip layers keeps vLLM's compilation (attention is a graph break in vLLM, our kernels run
-outside the graph).
+Compilation and CUDA graphs. Per-step state (token kinds per slot, decode rows, the step
+kind) is never a Python value inside a compiled or captured graph:
+
+* **vskip-only plans** keep vLLM's compilation and piecewise CUDA graphs. The policy changes
+  only the attention op, and vLLM 0.32 makes ``vllm::unified_attention_with_output`` and
+  ``vllm::unified_kv_cache_update`` splitting ops (``CompilationConfig._attention_ops``, and
+  ``set_splitting_ops_for_v1`` when ``splitting_ops`` is None without Inductor graph
+  partition), so our impl and K/V writes run eagerly between graph pieces, reading the
+  per-slot kinds tensor (updated in place before the forward) at run time. The graph pieces
+  (projections, norms, FFN) do not depend on the step kind. On CPU the platform compiles with
+  Dynamo only (no graphs); the attention custom op is opaque and runs at run time.
+* **Full CUDA graphs** (``FULL``, ``FULL_DECODE_ONLY``, the decode half of 0.32's default
+  ``FULL_AND_PIECEWISE``) would capture the attention op itself with one step's lengths and
+  kinds. The builder declares ``AttentionCGSupport.NEVER``, so vLLM resolves
+  ``FULL_AND_PIECEWISE`` to ``PIECEWISE`` and never captures our attention in a full graph
+  (an explicit ``FULL`` for mixed batches is refused by vLLM itself).
+* **Frozen and decode-bypass plans** run the engine eagerly (``enforce_eager``): their branch
+  (whole layer skipped on a pure decode step, decode rows kept in a mixed step, layer run) is
+  Python in the layer wrapper, and a graph would freeze the branch of the step it was
+  captured on for every later step of the same shape.
+* A configuration that would put the attention op or the K/V write inside a captured graph
+  (attention or the KV-cache update not among the splitting ops, e.g. Inductor graph
+  partition or attention+quant fusion; breakable CUDA graphs) runs eagerly instead.
+
+The start-up log line says which of these applies.
 """
 
 from __future__ import annotations
