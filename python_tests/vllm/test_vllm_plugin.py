@@ -153,6 +153,7 @@ def test_backend_classes_as_vllms_selector_sees_them(monkeypatch):
     ]
     assert reasons(attn_type="encoder_only") == ["attention type encoder_only not supported"]
 
+    had_cuda_module = "vllm.platforms.cuda" in sys.modules
     monkeypatch.setitem(sys.modules, "vllm._C_stable_libtorch", types.ModuleType("vllm._C_stable_libtorch"))
     from vllm.platforms.cuda import CudaPlatform
 
@@ -168,6 +169,35 @@ def test_backend_classes_as_vllms_selector_sees_them(monkeypatch):
             CudaPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, bad)
     finally:
         AttentionBackendEnum.CUSTOM.clear_override()
+        if not had_cuda_module:  # the rest of the session stays on a CPU-only module set
+            sys.modules.pop("vllm.platforms.cuda", None)
+
+
+def test_cuda_start_up_path(llava, tmp_path, monkeypatch):
+    """The start-up hook as on CUDA (the platform check faked; the config is still the CPU
+    build's): CUSTOM points at the backend and is the engine's attention backend, the kernel
+    resolves to Triton, the V1 model runner is used, and another explicit backend is refused."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vskip_kernels.vllm import compat
+
+    monkeypatch.setattr(compat, "platform_kind", lambda: "cuda")
+    plan = H.plan_file(tmp_path, "V", "llava", vskip_layers=[1])
+    custom = AttentionBackendEnum.CUSTOM
+    try:
+        args = EngineArgs(model=llava, dtype="float32", additional_config={"vskip_plan": plan})
+        cfg = args.create_engine_config()
+        assert cfg.attention_config.backend is custom and custom.get_path() == compat.BACKEND_PATH
+        assert args.attention_backend is None  # the EngineArgs are left as given
+        assert compat.kernel_of(cfg) == "triton"
+        assert compat._wrap_use_v2_model_runner(lambda self: True)(cfg) is False
+        assert compat._wrap_use_v2_model_runner(lambda self: True)(EngineArgs(model=llava)) is True
+        other = EngineArgs(model=llava, attention_backend="FLASH_ATTN", additional_config={"vskip_plan": plan})
+        with pytest.raises(PlanError, match="'FLASH_ATTN': drop that option"):
+            other.create_engine_config()
+    finally:
+        custom.clear_override()
 
 
 def test_cuda_graph_decision():
