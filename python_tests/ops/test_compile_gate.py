@@ -1,9 +1,15 @@
 """AOT compile gate: every Triton kernel configuration the launchers can run compiles for
-sm80/86/89/90 into code the GPU runs well, read without a GPU (``ops/static.py``): within the
+sm80/86/90 into code the GPU runs well, read without a GPU (``ops/static.py``): within the
 target's shared memory and registers, no register spill and no local-memory instruction, and
 tensor-core MMAs in the main loop of every fp16/bf16 attention kernel (``static.violations``).
 The registry (``aot.all_specs``) lists every configuration each launcher (and the prefill
 autotuner) can pick, so the gate covers what can run, not a sample.
+
+sm89 (L40S, RTX 40xx) is left to the full report (``vskip bench static``, committed under
+bench/results/, and ``VSKIP_GATE_SM89=1`` here) to keep CI's compile time in bounds: it has
+sm86's register file and shared memory, the launchers pick the same configurations for both
+(``test_sm89_launches_what_sm86_does``), and ptxas's output for the two matched in 41 of 42
+kernels of the first full report (the other: 2 registers apart in a merge kernel).
 
 Compilation runs in ``static.inspect_all``'s worker subprocesses without TRITON_INTERPRET:
 under the interpreter, triton.language's own @jit helpers (tl.sum, tl.max, ...) are
@@ -12,12 +18,15 @@ interpreter functions and cannot be compiled. Two workers use both CI cores.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vskip_kernels.ops import aot, static
 
 SPECS = aot.all_specs()
-JOBS = static.all_jobs(SPECS)
+GATE_TARGETS = (80, 86, 89, 90) if os.environ.get("VSKIP_GATE_SM89") == "1" else (80, 86, 90)
+JOBS = [(name, cc) for name, cc in static.all_jobs(SPECS) if cc in GATE_TARGETS]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +71,12 @@ def test_the_gate_refuses_what_it_should():
         static.family("unknown_kernel")
 
 
+def test_sm89_launches_what_sm86_does():
+    """What lets the gate leave sm89 to the full report: the same registered configurations."""
+    on = {cc: {s.name for s in SPECS if cc in s.targets} for cc in (86, 89)}
+    assert on[86] == on[89]
+
+
 def test_every_target_has_a_config_per_head_dim_and_dtype():
     from vskip_kernels.ops.triton import attention as ta
 
@@ -102,7 +117,7 @@ def test_smem_estimate_bounds_measured(compiled):
             est = ta.smem_estimate(
                 cc, c["BLOCK_M"], c["BLOCK_N"], c["HEAD_DIM"], spec.signature["Q"][1:], spec.num_stages
             )
-            res = compiled[f"{spec.name}@{cc}"]
+            res = compiled.get(f"{spec.name}@{cc}", {})  # targets outside GATE_TARGETS: not compiled
             if "shared" in res:
                 assert res["shared"] <= est, (spec.name, cc, res["shared"], est)
 
