@@ -92,9 +92,13 @@ def test_attention_suite_content(smoke_run):
 def test_visual_mass_and_decode_content(smoke_run):
     _, _, docs = smoke_run
     tasks = {c["task"] for c in docs["visual_mass"]["cases"]}
-    assert tasks == {"mass-all", "mass-last", "attention+mass"}
+    assert tasks == {"mass-all", "mass-last", "attention+mass", "rank-last", "rank-all"}
     names = {r["backend"] for c in docs["visual_mass"]["cases"] for r in c["results"]}
     assert {"ours-torch", "ours-torch attention + fused mass"} <= names
+    for c in docs["visual_mass"]["cases"]:
+        if c["task"].startswith("rank"):  # FastV's ranking: ours against eager output_attentions
+            got = {r["backend"] for r in c["results"]}
+            assert got == {"ours-torch", "eager probs (output_attentions) + received mean"}, got
     for c in docs["decode"]["cases"]:
         for r in c["results"]:
             assert r["gbps"] == pytest.approx(c["kv_bytes"] / (r["ms_median"] * 1e-3) / 1e9)
