@@ -76,3 +76,11 @@ MIXED = [
     (64, 64, []),
     (50, 12, [(20, 45)]),
 ]
+
+# Decode steps (one query token each, one two-token step), after images of several blocks.
+DECODE = [
+    (70, 1, [(5, 50)]),
+    (41, 1, [(3, 35)]),
+    (100, 2, [(10, 60)]),
+    (17, 1, []),
+]

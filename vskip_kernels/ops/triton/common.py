@@ -128,7 +128,8 @@ def split_count(programs: int, tiles: int, device: torch.device, cpu_splits: int
 # Integer arguments that are multiples of 16 at run time (Triton specialises them,
 # which enables vectorised loads and the multi-buffered K/V pipeline).
 ALIGNED_INTS = frozenset(
-    ("head_dim", "tile_n", "stride_qm", "stride_qn", "stride_qs", "stride_om", "stride_on", "stride_kn", "stride_vn")
+    ("head_dim", "tile_n", "stride_qm", "stride_qn", "stride_qs", "stride_om", "stride_on", "stride_kn", "stride_vn",
+     "stride_qt", "stride_ot")
     + tuple(f"stride_{t}{s}" for t in "qkvo" for s in "bh"))
 
 
