@@ -117,3 +117,17 @@ def query_indices(query_positions, nq: int, device) -> torch.Tensor:
             f"query_positions must be in [-{nq}, {nq}) (indices into the Nq={nq} queries), got {idx.tolist()}"
         )
     return torch.remainder(idx.long(), nq)
+
+
+def check_qk_kinds(q, k, is_visual, attention_mask, policy, backend) -> None:
+    """The inputs of the ops that read queries and keys only (visual mass, received attention):
+    q [B, Hq, Nq, D], k [B, Hkv, Nk, D], is_visual [B, Nk] on q's device, the mask, policy and
+    backend names."""
+    check_qkv(q, k)
+    check_mask_inputs(is_visual, attention_mask, policy)
+    check_backend(backend)
+    b, nk = q.shape[0], k.shape[2]
+    if tuple(is_visual.shape) != (b, nk):
+        raise ValueError(f"is_visual must be [B, Nk] = [{b}, {nk}], got shape {list(is_visual.shape)}")
+    if is_visual.device != q.device:
+        raise ValueError(f"is_visual is on {is_visual.device} but q is on {q.device}")

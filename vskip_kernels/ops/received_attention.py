@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .._validate import check_backend, check_mask_inputs, check_qkv, query_indices
+from .._validate import check_qk_kinds, query_indices
 from ..kinds import POLICY_CODES, POLICY_NAMES, token_kind
 from .attention import modality_attention
 from .dispatch import resolve_backend
@@ -67,15 +67,9 @@ def received_attention(
     returned for the same q, k and policy: the ranking is then one pass over the keys. Without
     it, an attention call computes it first (with k as values: the output is discarded).
     """
-    check_qkv(q, k)
-    check_mask_inputs(is_visual, attention_mask, policy)
-    check_backend(backend)
+    check_qk_kinds(q, k, is_visual, attention_mask, policy, backend)
     b, hq, nq = q.shape[:3]
     nk = k.shape[2]
-    if tuple(is_visual.shape) != (b, nk):
-        raise ValueError(f"is_visual must be [B, Nk] = [{b}, {nk}], got shape {list(is_visual.shape)}")
-    if is_visual.device != q.device:
-        raise ValueError(f"is_visual is on {is_visual.device} but q is on {q.device}")
     if lse is None:
         _, lse = modality_attention(
             q,

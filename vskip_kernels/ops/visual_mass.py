@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._validate import check_backend, check_mask_inputs, check_qkv, query_indices
+from .._validate import check_qk_kinds, query_indices
 from ..kinds import POLICY_CODES, POLICY_NAMES, token_kind
 from .dispatch import resolve_backend
 
@@ -57,14 +57,8 @@ def visual_attention_mass(
     token costs O(Nk) per head. Returns [B, Hq, Nq] or [B, Hq, len(query_positions)].
     Rows with no allowed key give 0.
     """
-    check_qkv(q, k)
-    check_mask_inputs(is_visual, attention_mask, policy)
-    check_backend(backend)
-    b, nq, nk = q.shape[0], q.shape[2], k.shape[2]
-    if tuple(is_visual.shape) != (b, nk):
-        raise ValueError(f"is_visual must be [B, Nk] = [{b}, {nk}], got shape {list(is_visual.shape)}")
-    if is_visual.device != q.device:
-        raise ValueError(f"is_visual is on {is_visual.device} but q is on {q.device}")
+    check_qk_kinds(q, k, is_visual, attention_mask, policy, backend)
+    nq, nk = q.shape[2], k.shape[2]
     backend = resolve_backend(backend, q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
     idx = query_indices(query_positions, nq, q.device)
