@@ -58,6 +58,14 @@ def make_case(reqs, *, hq=4, hkv=2, d=32, bs=16, dtype=torch.float32, seed=0, sp
     )
 
 
+PAGED_ARGS = ("q", "k_cache", "v_cache", "block_table", "seq_lens", "query_start_loc", "slot_kinds")
+
+
+def paged_args(case) -> tuple:
+    """The positional arguments of the paged kernels (torch and Triton) for ``case``."""
+    return tuple(case[name] for name in PAGED_ARGS)
+
+
 def reference(case, policy, visual_self=True, upcast=True):
     outs = []
     for q, k, v, vis in case["per_req"]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from python_tests._shared import assert_rule
-from python_tests.ops._paged import MIXED, make_case, reference
+from python_tests.ops._paged import MIXED, make_case, paged_args, reference
 from vskip_kernels.ops.pytorch.paged import paged_attention_torch
 
 POLICIES = ("dense", "vskip", "frozen")
@@ -15,13 +15,7 @@ POLICIES = ("dense", "vskip", "frozen")
 
 def _run(case, policy, **kw):
     return paged_attention_torch(
-        case["q"],
-        case["k_cache"],
-        case["v_cache"],
-        case["block_table"],
-        case["seq_lens"],
-        case["query_start_loc"],
-        case["slot_kinds"],
+        *paged_args(case),
         policy=policy,
         **kw,
     )

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from python_tests._shared import assert_rule
-from python_tests.ops._paged import DECODE, MIXED, make_case, reference
+from python_tests.ops._paged import DECODE, MIXED, make_case, paged_args, reference
 from vskip_kernels.ops.triton import paged as tp
 from vskip_kernels.ops.triton.common import count_tiles
 from vskip_kernels.reference import allowed_mask
@@ -22,13 +22,7 @@ POLICIES = ("dense", "vskip", "frozen")
 
 def _run(case, policy, **kw):
     return tp.paged_attention_triton(
-        case["q"],
-        case["k_cache"],
-        case["v_cache"],
-        case["block_table"],
-        case["seq_lens"],
-        case["query_start_loc"],
-        case["slot_kinds"],
+        *paged_args(case),
         policy=policy,
         **kw,
     )

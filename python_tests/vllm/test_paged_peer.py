@@ -45,7 +45,7 @@ import torch
 pytest.importorskip("vllm.v1.attention.ops.triton_unified_attention")  # not the bare "vllm" namespace
 
 from python_tests._shared import ATOL, assert_rule
-from python_tests.ops._paged import MIXED, make_case, reference
+from python_tests.ops._paged import MIXED, make_case, paged_args, reference
 from vskip_kernels.bench import vllm_peer as vp
 from vskip_kernels.ops.dispatch import interpreter_on
 from vskip_kernels.ops.triton.paged import paged_attention_triton
@@ -71,13 +71,7 @@ def _vllm(case, hkv):
 
 def _ours(case):
     return paged_attention_triton(
-        case["q"],
-        case["k_cache"],
-        case["v_cache"],
-        case["block_table"],
-        case["seq_lens"],
-        case["query_start_loc"],
-        case["slot_kinds"],
+        *paged_args(case),
         policy="dense",
     )
 
