@@ -88,14 +88,7 @@ def check_qkv(q, k, v=None) -> None:
 
 
 def check_attention_inputs(q, k, v, is_visual, attention_mask, policy, softmax_scale, backend) -> None:
-    check_qkv(q, k, v)
-    check_mask_inputs(is_visual, attention_mask, policy)
-    check_backend(backend)
-    b, nk = q.shape[0], k.shape[2]
-    if tuple(is_visual.shape) != (b, nk):
-        raise ValueError(f"is_visual must be [B, Nk] = [{b}, {nk}], got shape {_shape(is_visual)}")
-    if is_visual.device != q.device:
-        raise ValueError(f"is_visual is on {is_visual.device} but q is on {q.device}")
+    check_qk_kinds(q, k, is_visual, attention_mask, policy, backend, v=v)
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
 
@@ -119,15 +112,15 @@ def query_indices(query_positions, nq: int, device) -> torch.Tensor:
     return torch.remainder(idx.long(), nq)
 
 
-def check_qk_kinds(q, k, is_visual, attention_mask, policy, backend) -> None:
-    """The inputs of the ops that read queries and keys only (visual mass, received attention):
-    q [B, Hq, Nq, D], k [B, Hkv, Nk, D], is_visual [B, Nk] on q's device, the mask, policy and
-    backend names."""
-    check_qkv(q, k)
+def check_qk_kinds(q, k, is_visual, attention_mask, policy, backend, v=None) -> None:
+    """q [B, Hq, Nq, D], k (and v, for attention) [B, Hkv, Nk, D], is_visual [B, Nk] on q's
+    device, the mask, policy and backend names: what every public op checks (visual mass and
+    received attention read no values)."""
+    check_qkv(q, k, v)
     check_mask_inputs(is_visual, attention_mask, policy)
     check_backend(backend)
     b, nk = q.shape[0], k.shape[2]
     if tuple(is_visual.shape) != (b, nk):
-        raise ValueError(f"is_visual must be [B, Nk] = [{b}, {nk}], got shape {list(is_visual.shape)}")
+        raise ValueError(f"is_visual must be [B, Nk] = [{b}, {nk}], got shape {_shape(is_visual)}")
     if is_visual.device != q.device:
         raise ValueError(f"is_visual is on {is_visual.device} but q is on {q.device}")
