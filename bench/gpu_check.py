@@ -389,17 +389,6 @@ def describe_result(path: str) -> dict:
             doc = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         return {"file": path, "error": f"unreadable: {exc}"}
-    if doc.get("format") == "vskip-static/1":
-        kernels = doc.get("kernels", {})
-        lv = doc.get("loaded_vs_static") or {}
-        return {
-            "file": path,
-            "suite": "static",
-            "compiles": len(kernels),
-            "failing": sorted(k for k, r in kernels.items() if r.get("violations")),
-            "loaded": lv.get("compared", 0),
-            "loaded_mismatch": lv.get("mismatch_here", []) + lv.get("mismatch_committed", []),
-        }
     cases = doc.get("cases", [])
     checks = doc.get("checks", [])
     applies = [c for c in checks if c.get("target_applies", True)]
@@ -426,15 +415,22 @@ def fold_static_report(out: Outcome, folder: str) -> None:
 
     paths = sorted(glob.glob(os.path.join(folder, "static-*.json")))
     if paths:
-        d = describe_result(paths[-1])
         with open(paths[-1]) as f:
             doc = json.load(f)
+        kernels = doc.get("kernels", {})
+        lv = doc.get("loaded_vs_static") or {}
         keep = ("registers", "spill_stores", "spill_loads", "local", "shared", "loop_instructions", "loaded")
-        d["kernels"] = {
-            k: {**{f: r.get(f) for f in keep}, "violations": r.get("violations")} for k, r in doc["kernels"].items()
+        d = {
+            "file": os.path.basename(paths[-1]),
+            "compiles": len(kernels),
+            "failing": sorted(k for k, r in kernels.items() if r.get("violations")),
+            "loaded": lv.get("compared", 0),
+            "loaded_mismatch": lv.get("mismatch_here", []) + lv.get("mismatch_committed", []),
+            "loaded_vs_static": doc.get("loaded_vs_static"),
+            "kernels": {
+                k: {**{f: r.get(f) for f in keep}, "violations": r.get("violations")} for k, r in kernels.items()
+            },
         }
-        d["loaded_vs_static"] = doc.get("loaded_vs_static")
-        d["file"] = os.path.basename(paths[-1])
         out.info["static"] = d
         out.detail = (
             f"{d['compiles']} compiles, {len(d['failing'])} failing the gate, {d['loaded']} loaded, "
