@@ -100,6 +100,11 @@ def row_blocks(dtype: str) -> tuple[int, ...]:
     return ROW_BLOCKS[:1] if dtype == "fp32" else ROW_BLOCKS
 
 
+def row_block_for(rows: int, dtype: str) -> int:
+    """The split kernels' row block: the smallest holding ``rows``, else the largest."""
+    return next((r for r in row_blocks(dtype) if r >= rows), row_blocks(dtype)[-1])
+
+
 def f32_dot(dtype: torch.dtype) -> bool:
     # fp32 inputs: exact dots (no TF32). bf16 under the interpreter: its dot
     # misreads bf16 operands, and fp32 dots of bf16 values give the same products.

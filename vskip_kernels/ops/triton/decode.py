@@ -33,6 +33,7 @@ from .common import (
     checked_counter,
     f32_dot,
     kernel_signature,
+    row_block_for,
     row_blocks,
     split_block_n,
     split_count,
@@ -242,8 +243,7 @@ def _decode_merge_kernel(
 def _row_block(group: int, nq: int, dtype: str) -> tuple[int, int]:
     """(BLOCK_R, heads per row block): the smallest row block holding the whole
     group, else the largest one holding as many whole heads as fit."""
-    blocks = row_blocks(dtype)
-    block_r = next((r for r in blocks if r >= group * nq), blocks[-1])
+    block_r = row_block_for(group * nq, dtype)
     return block_r, min(group, block_r // nq)
 
 

@@ -31,6 +31,7 @@ from .common import (
     checked_counter,
     f32_dot,
     kernel_signature,
+    row_block_for,
     row_blocks,
     split_block_n,
 )
@@ -111,9 +112,7 @@ def _block_n(block_d: int, dt: str) -> int:
 def tile_plan(n_sel: int, group: int, dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
     """(block_m, block_n) ``received_attention`` uses, for tests that count processed tiles."""
     dt = DTYPES[dtype]
-    rows = n_sel * group
-    block_m = next((m for m in row_blocks(dt) if m >= rows), row_blocks(dt)[-1])
-    return block_m, _block_n(block_d_for(head_dim), dt)
+    return row_block_for(n_sel * group, dt), _block_n(block_d_for(head_dim), dt)
 
 
 def received_attention(q, k, kind, q_pos, lse, policy: str, visual_self: bool, scale: float):

@@ -34,6 +34,7 @@ from .common import (
     checked_counter,
     f32_dot,
     kernel_signature,
+    row_block_for,
     row_blocks,
     split_block_n,
     split_count,
@@ -203,11 +204,6 @@ def _mass_merge_kernel(
     tl.store(MASS + ((b * n_kv_heads * group + head) * n_sel + r // group), mass, mask=row_ok)
 
 
-def _row_block(rows: int, dtype: str) -> int:
-    """BLOCK_M: the smallest row block holding every row, else the largest."""
-    return next((r for r in row_blocks(dtype) if r >= rows), row_blocks(dtype)[-1])
-
-
 def visual_mass(q, k, kind, q_pos, policy: str, visual_self: bool, softmax_scale: float) -> torch.Tensor:
     """fp32 [B, Hq, S]: share of each selected query's softmax on visual keys.
 
@@ -231,7 +227,7 @@ def visual_mass(q, k, kind, q_pos, policy: str, visual_self: bool, softmax_scale
     block_d = block_d_for(d)
     block_n = split_block_n(block_d, dtype)
     rows = n_sel * group
-    block_m = _row_block(rows, dtype)
+    block_m = row_block_for(rows, dtype)
     n_row_blocks = triton.cdiv(rows, block_m)
     n_key_blocks = triton.cdiv(nk, block_n)
     first_real, first_text = key_block_summary(kind, block_n)
@@ -270,7 +266,7 @@ def tile_plan(kind: torch.Tensor, q_pos: torch.Tensor, group: int, dtype: torch.
     """(block_m, block_n): the row and key block sizes ``visual_mass`` uses, for
     tests that count processed tiles."""
     dt = DTYPES[dtype]
-    return _row_block(q_pos.numel() * group, dt), split_block_n(block_d_for(head_dim), dt)
+    return row_block_for(q_pos.numel() * group, dt), split_block_n(block_d_for(head_dim), dt)
 
 
 def _split_signature(dt: str) -> dict:
