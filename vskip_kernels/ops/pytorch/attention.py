@@ -149,7 +149,7 @@ def _run_rows(b, q, k, v, rows, qpos, keys, scale, results, want_out, with_self)
             out[b].index_copy_(1, r, o.view(hq, c, d).to(out.dtype))
 
 
-def _allowed(kind, qpos, policy, visual_self):
+def allowed_rows(kind, qpos, policy, visual_self):
     """bool [B, S, Nk]: may the query at qpos[s] of sequence b attend key j."""
     keys = torch.arange(kind.shape[1], device=kind.device)
     return policy_allows(
@@ -162,7 +162,7 @@ def _forward_small(q, k, v, kind, qpos, policy, visual_self, scale, want_out, wa
     bsz, hq, s_len, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    allowed = _allowed(kind, qpos, policy, visual_self)[:, None, None]  # [B, 1, 1, S, Nk]
+    allowed = allowed_rows(kind, qpos, policy, visual_self)[:, None, None]  # [B, 1, 1, S, Nk]
     qf = (q.float() * scale).view(bsz, hkv, g, s_len, d)  # not in place: q.float() may be q
     s = torch.matmul(qf, k.float()[:, :, None].transpose(-1, -2)).masked_fill_(~allowed, _NEG_INF)
     m = s.amax(-1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kinds import policy_allows
+from .attention import allowed_rows
 
 # Chosen queries per chunk: the [B, Hq, chunk, Nk] probabilities stay small.
 _CHUNK = 256
@@ -28,16 +28,13 @@ def received_attention(q, k, kind, q_pos, lse, policy: str, visual_self: bool, s
     nk = k.shape[2]
     group = hq // k.shape[1]
     qpos = q_pos.to(device=q.device, dtype=torch.long)
-    keys = torch.arange(nk, device=q.device)
     kf = k.float().repeat_interleave(group, dim=1)
     sums = torch.zeros(b, nk, dtype=torch.float32, device=q.device)
     count = torch.zeros(b, nk, dtype=torch.int32, device=q.device)
     for lo in range(0, s, _CHUNK):
         hi = min(s, lo + _CHUNK)
         pos = qpos[lo:hi]
-        allowed = policy_allows(
-            kind.index_select(1, pos)[:, :, None], kind[:, None, :], pos[:, None], keys[None, :], policy, visual_self
-        )  # [B, chunk, Nk]
+        allowed = allowed_rows(kind, pos, policy, visual_self)  # [B, chunk, Nk]
         scores = torch.matmul(q[:, :, lo:hi].float(), kf.transpose(-1, -2)) * scale
         p = torch.exp(scores - lse[:, :, lo:hi, None])
         # where, not a product: an empty row's lse is -inf, which makes exp() inf off the mask
