@@ -281,24 +281,25 @@ KERNEL_HEADER = (
     "KV-loop instrs",
 )
 
-_PAGED = re.compile(r"^paged_(fp16|bf16|fp32)_d(\d+)_bs(\d+)(?:_m(\d+))?(?:_g(\d+))?")
+_PAGED = re.compile(r"^paged_(fp16|bf16|fp32)_d(\d+)_bs(\d+)_m(\d+)$")
 
 
 def _peer_rows(doc: dict) -> list[str]:
-    """Our paged kernel beside vLLM's at each (dtype, head dim, block size, GQA group, target)
-    the peer was compiled for: loop instructions per key tile at equal tile size."""
+    """Our paged kernel's decode tile beside vLLM's decode launch at each (dtype, head dim, block
+    size, GQA group, target) the peer was compiled for (one compiled kernel of ours serves every
+    group): KV-loop instructions per key."""
+    from ..ops.triton.paged import DECODE_ROWS
+
     peer = doc.get("peer") or {}
-    ours: dict[tuple, list] = {}
+    ours: dict[tuple, dict] = {}
     for r in doc["kernels"].values():
         m = _PAGED.match(r["name"])
-        if m and "registers" in r:
-            dt, d, bs, _bm, g = m.groups()
-            ours.setdefault((dt, int(d), int(bs), r["cc"]), []).append((None if g is None else int(g), r))
+        if m and int(m.group(4)) == DECODE_ROWS and "registers" in r:
+            ours[(m.group(1), int(m.group(2)), int(m.group(3)), r["cc"])] = r
     rows = []
     for key, p in sorted((peer.get("kernels") or {}).items()):
         cc = int(key.rsplit("@", 1)[1])
-        cands = ours.get((p["dtype"], p["head_dim"], p["block_size"], cc), [])
-        mine = next((r for g, r in cands if g == p["group"]), None) or next((r for g, r in cands if g is None), None)
+        mine = ours.get((p["dtype"], p["head_dim"], p["block_size"], cc))
         tile = p["tile_size"]
         ratio = ""
         if mine and mine["loop_instructions"] and p["loop_instructions"]:
