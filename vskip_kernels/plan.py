@@ -30,6 +30,76 @@ def _layer_list(name: str, value, num_layers: int) -> list[int]:
     return sorted(out)
 
 
+PRUNE_RANKS = ("last", "mean")
+
+
+@dataclass
+class PruneStage:
+    """Visual-token pruning at the input of decoder layer ``layer`` (FastV, VTW, PyramidDrop).
+
+    Each sequence keeps ``round(keep * n_visual)`` of its visual tokens (``n_visual`` counted in
+    the prompt, all images and frames together; ``keep`` is a fraction of that original count
+    in every stage) and the others leave the model for layers ``layer``..L-1: no row, no key,
+    no KV entry. The kept ones are those receiving the most head-averaged attention in layer
+    ``layer - 1``, from the last prompt token (``rank="last"``: FastV's code, PyramidDrop) or
+    averaged over every prompt query that may attend them (``rank="mean"``: the FastV paper);
+    ties go to the lower position. ``keep=0`` withdraws all of them (VTW) and ranks nothing.
+    """
+
+    layer: int
+    keep: float
+    rank: str = "last"
+
+    def validate(self, num_layers: int, where: str = "prune stage") -> PruneStage:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise PlanError(f"{where}: layer must be an integer layer index, got {self.layer!r}")
+        if not 0 <= self.layer < num_layers:
+            raise PlanError(f"{where}: layer {self.layer} is out of range for a model with {num_layers} decoder layers")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0.0 <= self.keep <= 1.0:
+            raise PlanError(f"{where}: keep must be a fraction in [0, 1] of the visual tokens, got {self.keep!r}")
+        self.keep = float(self.keep)
+        if self.rank not in PRUNE_RANKS:
+            raise PlanError(f"{where}: rank must be one of {PRUNE_RANKS}, got {self.rank!r}")
+        if self.layer == 0 and self.keep > 0:
+            raise PlanError(
+                f"{where}: layer 0 with keep={self.keep} has no earlier layer to rank the visual tokens by; "
+                "prune at a later layer, or use keep=0 (withdraw every visual token, VTW)"
+            )
+        return self
+
+    def kept(self, n_visual: int) -> int:
+        """How many of ``n_visual`` visual tokens this stage keeps (Python's round: half to even)."""
+        return round(self.keep * n_visual)
+
+
+def _prune_stages(value, num_layers: int) -> list[PruneStage]:
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise PlanError(f"prune must be a list of stages, got {value!r}")
+    stages = []
+    for i, st in enumerate(value):
+        where = f"prune[{i}]"
+        if isinstance(st, dict):
+            unknown = sorted(set(st) - {"layer", "keep", "rank"})
+            if unknown or "layer" not in st or "keep" not in st:
+                raise PlanError(
+                    f"{where} must be an object with 'layer', 'keep' and optionally 'rank', got {sorted(st)}"
+                )
+            st = PruneStage(**st)
+        elif not isinstance(st, PruneStage):
+            raise PlanError(f"{where} must be a PruneStage or a dict, got {type(st).__name__}")
+        stages.append(st.validate(num_layers, where))
+    for i in range(1, len(stages)):
+        a, b = stages[i - 1], stages[i]
+        if b.layer <= a.layer:
+            raise PlanError(f"prune stages must have strictly increasing layers, got {a.layer} then {b.layer}")
+        if b.keep > a.keep:
+            raise PlanError(
+                f"prune stages cannot keep more than an earlier stage (keep is a fraction of the original "
+                f"visual tokens): layer {a.layer} keeps {a.keep}, layer {b.layer} keeps {b.keep}"
+            )
+    return stages
+
+
 @dataclass
 class SkipPlan:
     """Layer lists per mode plus how they were chosen.
@@ -37,13 +107,15 @@ class SkipPlan:
     vskip_layers: visual queries skip visual keys (V-Skip). frozen_layers: visual
     tokens pass through unchanged (ShortV). decode_bypass_layers: the whole layer is
     skipped on decode steps (FlashVLM). A layer may be in vskip or frozen, not both;
-    decode bypass combines with either.
+    decode bypass combines with either. prune: visual-token pruning stages (PruneStage); the
+    layer modes above apply to the tokens that remain.
     """
 
     num_layers: int
     vskip_layers: list[int] = field(default_factory=list)
     frozen_layers: list[int] = field(default_factory=list)
     decode_bypass_layers: list[int] = field(default_factory=list)
+    prune: list[PruneStage] = field(default_factory=list)
     method: str = "manual"
     budget: int | None = None
     scores: list[float] | None = None
@@ -60,6 +132,7 @@ class SkipPlan:
         self.vskip_layers = _layer_list("vskip_layers", self.vskip_layers, n)
         self.frozen_layers = _layer_list("frozen_layers", self.frozen_layers, n)
         self.decode_bypass_layers = _layer_list("decode_bypass_layers", self.decode_bypass_layers, n)
+        self.prune = _prune_stages(self.prune, n)
         both = sorted(set(self.vskip_layers) & set(self.frozen_layers))
         if both:
             raise PlanError(
@@ -84,7 +157,11 @@ class SkipPlan:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.vskip_layers or self.frozen_layers or self.decode_bypass_layers)
+        return not (self.vskip_layers or self.frozen_layers or self.decode_bypass_layers or self.prune)
+
+    def prune_stage_at(self, layer: int) -> PruneStage | None:
+        """The stage that prunes at the input of ``layer``, if any."""
+        return next((s for s in self.prune if s.layer == layer), None)
 
     def check_model(self, num_layers: int, name: str | None = None) -> None:
         """Raise PlanError unless this plan fits a model with ``num_layers`` decoder layers."""

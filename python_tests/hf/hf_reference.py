@@ -8,7 +8,11 @@ forward hooks impose the plan's semantics on it —
 * frozen layers: after the layer ran densely, each visual position's output is replaced by
   its input (the token leaves the layer unchanged; its K/V were still computed);
 * decode-bypassed layers: on a decode step (one new position on top of earlier ones) the
-  layer's output is replaced by its input.
+  layer's output is replaced by its input;
+* prune stages (layer K, keep, rank): on the prompt call, layer K-1's attention
+  probabilities (what eager attention returns, ``output_attentions``' tensor) rank the visual
+  tokens still in play, and the dropped ones are masked out as keys of layers >= K in this and
+  every later call. Their rows keep being computed; they are irrelevant to kept tokens.
 
 Which positions are visual comes from the first call's ``input_ids`` (the family's image
 and video ids); every later position is a generated, hence text, token. The cache is never
@@ -42,12 +46,16 @@ def _lm(model):
 
 
 @contextlib.contextmanager
-def plan_hooks(model, vskip=(), frozen=(), bypass=()):
-    """Run ``model`` (eager attention) under the plan's semantics while the context is open."""
+def plan_hooks(model, vskip=(), frozen=(), bypass=(), prune=()):
+    """Run ``model`` (eager attention) under the plan's semantics while the context is open.
+
+    prune: dicts {"layer", "keep", "rank"}. Yields a dict whose "dropped" maps each stage
+    layer to the [B, N] prompt positions dropped there."""
     model.set_attn_implementation("eager")
     layers = _lm(model).layers
     ids_vis = _visual_ids(model)
-    st = {"prompt_vis": None, "seq_len": 0, "nq": 0, "decode": False}
+    st = {"prompt_vis": None, "prompt_real": None, "seq_len": 0, "nq": 0, "decode": False}
+    out_state = {"dropped": {}}
     hooks = []
 
     def top_pre(module, args, kwargs):
@@ -61,8 +69,13 @@ def plan_hooks(model, vskip=(), frozen=(), bypass=()):
             st["prompt_vis"] = (
                 torch.isin(ids, torch.tensor(ids_vis)) if ids_vis else torch.zeros_like(ids, dtype=torch.bool)
             )
+            st["prompt_real"] = am.bool() if am is not None else torch.ones_like(ids, dtype=torch.bool)
+            # keep=0 (VTW) withdraws every visual token at its layer: nothing to rank
+            out_state["dropped"] = {s["layer"]: st["prompt_vis"] & st["prompt_real"] for s in prune if s["keep"] == 0}
         elif st["prompt_vis"].shape[0] != ids.shape[0]:  # beams: rows of one prompt are identical
-            st["prompt_vis"] = st["prompt_vis"].repeat_interleave(ids.shape[0] // st["prompt_vis"].shape[0], 0)
+            r = ids.shape[0] // st["prompt_vis"].shape[0]
+            st["prompt_vis"] = st["prompt_vis"].repeat_interleave(r, 0)
+            out_state["dropped"] = {k: v.repeat_interleave(r, 0) for k, v in out_state["dropped"].items()}
         st.update(seq_len=seq_len, nq=nq, decode=past > 0 and nq == 1)
 
     def key_visual(nk):
@@ -99,6 +112,59 @@ def plan_hooks(model, vskip=(), frozen=(), bypass=()):
         h_in = args[0] if args else kwargs["hidden_states"]
         return (h_in, *out[1:]) if isinstance(out, tuple) else h_in
 
+    def dropped_before(layer, nk):
+        """[B, nk]: keys dropped by the stages at layers <= ``layer`` (later positions: kept)."""
+        pv = st["prompt_vis"]
+        out = torch.zeros(pv.shape[0], nk, dtype=torch.bool)
+        for k, d in out_state["dropped"].items():
+            if k <= layer:
+                n = min(d.shape[1], nk)
+                out[:, :n] |= d[:, :n]
+        return out
+
+    def prune_mask_pre(layer):
+        def hook(module, args, kwargs):
+            mask = kwargs["attention_mask"]
+            if mask is None:
+                b = st["prompt_vis"].shape[0]
+                mask = torch.zeros(b, 1, st["nq"], st["seq_len"])
+            drop = dropped_before(layer, mask.shape[-1])
+            kwargs["attention_mask"] = mask.masked_fill(drop[:, None, None, :], torch.finfo(mask.dtype).min)
+            return args, kwargs
+
+        return hook
+
+    def rank_post(stage):
+        def hook(module, args, kwargs, out):
+            if st["decode"] or st["seq_len"] != st["nq"]:  # rank the prompt, on its first call
+                return out
+            probs = out[1].float()  # [B, H, N, N]: eager attention's probabilities of layer K-1
+            vis, real = st["prompt_vis"], st["prompt_real"]
+            gone = dropped_before(stage["layer"] - 1, vis.shape[1])
+            candidates = vis & real & ~gone
+            counts = [round(stage["keep"] * int(c)) for c in (vis & real).sum(1)]
+            if stage.get("rank", "last") == "last":
+                score = probs[:, :, -1, :].mean(1)
+            else:
+                allowed = kwargs["attention_mask"][:, 0] == 0  # [B, N, N]
+                chosen = real & ~gone
+                if stage["layer"] - 1 in frozen:  # a frozen layer gives visual queries no row
+                    chosen = chosen & ~vis
+                allowed = allowed & chosen[:, :, None]
+                total = (probs * allowed[:, None]).sum(2).mean(1)
+                n = allowed.sum(1)
+                score = torch.where(n > 0, total / n.clamp_min(1), torch.zeros_like(total))
+            dropped = torch.zeros_like(candidates)
+            for b in range(vis.shape[0]):
+                cand = candidates[b].nonzero().squeeze(1).tolist()
+                order = sorted(cand, key=lambda j: (-float(score[b, j]), j))
+                for j in order[counts[b] :]:
+                    dropped[b, j] = True
+            out_state["dropped"][stage["layer"]] = dropped
+            return out
+
+        return hook
+
     try:
         hooks.append(model.register_forward_pre_hook(top_pre, with_kwargs=True))
         for i in vskip:
@@ -107,7 +173,15 @@ def plan_hooks(model, vskip=(), frozen=(), bypass=()):
             hooks.append(layers[i].register_forward_hook(frozen_post, with_kwargs=True))
         for i in bypass:
             hooks.append(layers[i].register_forward_hook(bypass_post, with_kwargs=True))
-        yield
+        if prune:
+            first = min(s["layer"] for s in prune)
+            for i in range(first, len(layers)):
+                hooks.append(layers[i].self_attn.register_forward_pre_hook(prune_mask_pre(i), with_kwargs=True))
+            for stage in prune:
+                if stage["keep"] > 0:
+                    attn = layers[stage["layer"] - 1].self_attn
+                    hooks.append(attn.register_forward_hook(rank_post(stage), with_kwargs=True))
+        yield out_state
     finally:
         for h in hooks:
             h.remove()

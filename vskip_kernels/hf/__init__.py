@@ -4,6 +4,7 @@
 returns a ``SkipHandle`` whose ``remove()`` restores it.
 """
 
+from .compat import kv_cache_bytes
 from .models import decoder_layers, language_model, num_decoder_layers, visual_token_ids
 from .patch import SkipHandle, apply_skip_plan
 from .state import VisualMassRecorder
@@ -13,6 +14,7 @@ __all__ = [
     "SkipHandle",
     "VisualMassRecorder",
     "decoder_layers",
+    "kv_cache_bytes",
     "language_model",
     "num_decoder_layers",
     "visual_token_ids",

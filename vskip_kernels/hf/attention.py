@@ -10,6 +10,7 @@ the kernels, never as a dense 4-D tensor.
 from __future__ import annotations
 
 from ..ops.attention import modality_attention
+from ..ops.received_attention import received_attention
 from ..ops.visual_mass import visual_attention_mass
 from . import compat
 
@@ -43,31 +44,30 @@ def vskip_attention_forward(
     layer = module._vskip_layer_idx
     policy = state.policy(layer)
     key, value, is_visual, mask = state.masks_for(query, key, value, attention_mask, layer)
-    sched = state.schedule_for(is_visual, mask, query, policy)
-    out = modality_attention(
-        query,
-        key,
-        value,
-        is_visual,
-        policy=policy,
-        attention_mask=mask,
-        softmax_scale=scaling,
-        schedule=sched,
-        backend=state.backend,
-    )
-    if state.recorders:
-        mass = visual_attention_mass(
-            query,
-            key,
-            is_visual,
-            policy=policy,
-            attention_mask=mask,
-            softmax_scale=scaling,
-            query_positions=[-1],
-            backend=state.backend,
-        )
-        state.record(layer, mass[:, :, 0])
+    out = layer_attention(state, layer, query, key, value, is_visual, mask, policy, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def layer_attention(state, layer: int, q, k, v, is_visual, mask, policy: str, scaling):
+    """One patched layer's attention [B, Hq, Nq, D]; on the way, the layer's share of the
+    plan's other work: the received-attention ranking a prune stage at ``layer + 1`` needs
+    (from this layer's own probabilities, through the LSE the kernel returns), and the visual
+    mass open recorders collect."""
+    sched = state.schedule_for(is_visual, mask, q, policy, layer)
+    common = dict(policy=policy, attention_mask=mask, softmax_scale=scaling, backend=state.backend)
+    rank = state.prune.rank_for(layer)
+    if rank is None:
+        out = modality_attention(q, k, v, is_visual, schedule=sched, **common)
+    else:
+        out, lse = modality_attention(q, k, v, is_visual, schedule=sched, return_lse=True, **common)
+        scores = received_attention(
+            q, k, is_visual, lse=lse, query_positions=[-1] if rank == "last" else None, **common
+        )
+        state.prune.set_scores(layer, scores)
+    if state.recorders:
+        mass = visual_attention_mass(q, k, is_visual, query_positions=[-1], **common)
+        state.record(layer, mass[:, :, 0])
+    return out
 
 
 def vskip_mask(

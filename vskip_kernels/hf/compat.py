@@ -237,3 +237,73 @@ VISUAL_INPUT_KWARGS = ("pixel_values", "pixel_values_videos", "image_embeds", "v
 def has_visual_inputs(kwargs: dict) -> bool:
     """Whether a forward call carries image/video inputs whose features fill placeholder positions."""
     return any(kwargs.get(k) is not None for k in VISUAL_INPUT_KWARGS)
+
+
+# -- decoder-layer keywords of a compacted (pruned) sequence -------------------------------
+# Decoder layers of every supported family take the rotary tables as
+# ``position_embeddings=(cos, sin)``, each [B or 1, N, head_dim] (Qwen2-VL's M-RoPE sections
+# are merged by the rotary module before the loop), ``position_ids`` [B or 1, N] or None
+# (the vskip attention does not read them), and the mask under ``attention_mask``.
+def call_padding_mask(kwargs: dict, length: int) -> torch.Tensor | None:
+    """The 2-D padding mask [B, length] a top-level call carries, or None.
+
+    generate() with a StaticCache prepares the masks before calling the model and passes the
+    mapping {layer type: mask}; under the "vskip" implementation each is our 2-D padding mask,
+    as long as the cache. A 2-D mask may be longer for the same reason."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() != 2 or mask.shape[1] < length:
+        raise ValueError(
+            f"prune stages need the 2-D padding mask [B, >= {length}] (cached + new positions); got attention_mask "
+            f"of shape {list(mask.shape)}"
+        )
+    return mask[:, :length].bool()
+
+
+def gather_position_kwargs(kw: dict, rows: torch.Tensor) -> dict:
+    """``position_embeddings`` and ``position_ids`` of a layer call, at rows [B, M] of the sequence."""
+    b, n = rows.shape[0], None
+    out: dict = {}
+    pe = kw.get("position_embeddings")
+    if pe is not None:
+        if not isinstance(pe, (tuple, list)) or len(pe) != 2 or any(t.dim() != 3 for t in pe):
+            raise TransformersCompatError(
+                f"transformers {transformers_version()}: prune stages expect position_embeddings=(cos, sin), each "
+                f"[B, N, head_dim]; got {type(pe).__name__} (tested: {tested_range_text()})"
+            )
+        n = pe[0].shape[1]
+        out["position_embeddings"] = tuple(_gather_seq(t.expand(b, -1, -1), rows) for t in pe)
+    pid = kw.get("position_ids")
+    if isinstance(pid, torch.Tensor) and pid.dim() == 2 and (n is None or pid.shape[1] == n):
+        out["position_ids"] = pid.expand(b, -1).gather(1, rows.to(pid.device))
+    elif "position_ids" in kw:
+        out["position_ids"] = None
+    return out
+
+
+def _gather_seq(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    rows = rows.to(t.device)
+    return t.gather(1, rows[..., None].expand(*rows.shape, t.shape[2]))
+
+
+def with_layer_mask(kw: dict, mask: torch.Tensor | None) -> dict:
+    """A decoder layer's kwargs with the 2-D padding mask of its (compacted) keys."""
+    return {**kw, "attention_mask": mask}
+
+
+def kv_cache_bytes(cache) -> list[int]:
+    """Per decoder layer, the bytes of keys and values a transformers cache holds for its filled
+    positions (a StaticCache's unused slots are not counted)."""
+    out = []
+    for i, layer in enumerate(getattr(cache, "layers", ())):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.dim() != 4:
+            out.append(0)
+            continue
+        n = cache_layer_length(cache, i)
+        per_pos = (keys[:, :, :1].numel() * keys.element_size()) + (values[:, :, :1].numel() * values.element_size())
+        out.append(n * per_pos)
+    return out

@@ -11,8 +11,7 @@ import inspect
 
 import torch
 
-from ..ops import modality_attention
-from ..ops.visual_mass import visual_attention_mass
+from .attention import layer_attention
 from .compat import get_cache, is_decode_step
 
 _FROZEN_NEEDS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
@@ -60,6 +59,12 @@ class LayerPatch:
         if not st.active:
             return self.orig(hidden_states, *args, **kwargs)
         kw = self._bind(args, kwargs)
+        if st.prune.active and st.in_call:
+            hidden_states, kw = st.prune.enter(self.idx, hidden_states, kw)
+        return st.prune.leave(self.idx, self._run(hidden_states, kw))
+
+    def _run(self, hidden_states, kw):
+        st = self.state
         decode = self._is_decode(hidden_states, kw)
         if decode and st.bypassed(self.idx):
             return hidden_states
@@ -81,7 +86,7 @@ class LayerPatch:
         st, layer = self.state, self.layer
         attn = layer.self_attn
         b, n, hdim = hidden_states.shape
-        is_visual, ctx_mask = st.current_visual()
+        is_visual, ctx_mask = st.current_visual(self.idx)
         L = is_visual.shape[1]
         if is_visual.shape[0] != b or n > L:
             raise ValueError(
@@ -125,30 +130,7 @@ class LayerPatch:
         # Visual query rows stay zero: the frozen policy gives them no attention row at all.
         q = qt.new_zeros(b * n, hq, d).index_copy(0, rows, qt).view(b, n, hq, d).transpose(1, 2)
         k, v, is_vis_k, mask = st.masks_for(q, k, v, mask2d, self.idx)
-        sched = st.schedule_for(is_vis_k, mask, q, "frozen")
-        out = modality_attention(
-            q,
-            k,
-            v,
-            is_vis_k,
-            policy="frozen",
-            attention_mask=mask,
-            softmax_scale=attn.scaling,
-            schedule=sched,
-            backend=st.backend,
-        )
-        if st.recorders:
-            mass = visual_attention_mass(
-                q,
-                k,
-                is_vis_k,
-                policy="frozen",
-                attention_mask=mask,
-                softmax_scale=attn.scaling,
-                query_positions=[-1],
-                backend=st.backend,
-            )
-            st.record(self.idx, mass[:, :, 0])
+        out = layer_attention(st, self.idx, q, k, v, is_vis_k, mask, "frozen", attn.scaling)
         ot = out.transpose(1, 2).reshape(b * n, hq * d).index_select(0, rows)
         h = hidden_states.reshape(b * n, hdim).index_select(0, rows) + attn.o_proj(ot)
         h = h + layer.mlp(layer.post_attention_layernorm(h))

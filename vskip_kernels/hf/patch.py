@@ -52,8 +52,7 @@ class SkipHandle:
         """Switch to another plan for the same model without re-patching."""
         self._check_live()
         _check_plan(plan, self._lm.layers)
-        self._state.plan = plan
-        self._state.schedules = {}
+        self._state.set_plan(plan)
 
     def remove(self) -> None:
         """Restore the model: original forwards, attention implementation, no hooks. Idempotent."""
@@ -134,7 +133,7 @@ def _call_visual(state: SkipState, args, kwargs) -> None:
     if src is None:
         raise ValueError("the patched model needs input_ids or inputs_embeds")
     b, n = src.shape[0], src.shape[1]
-    past = compat.past_length(cache, state.reference_layer(), None if state.history is None else state.history.shape[1])
+    past = state.full_past(cache)
     full = new = None
     if state.context is not None:
         ctx = state.context[0]
@@ -171,6 +170,11 @@ def _call_visual(state: SkipState, args, kwargs) -> None:
                 hist = hist.repeat_interleave(b // hist.shape[0], dim=0)
             full = torch.cat([hist.to(new.device), new.bool()], dim=1)
     state.history = full.bool()
+    if state.prune.active:
+        call_mask = compat.call_padding_mask(kwargs, state.history.shape[1])
+        if state.context is not None and state.context[1] is not None:
+            call_mask = state.context[1]
+        state.prune.begin_call(state.history, call_mask, past, n)
     state.in_call = True
 
 
@@ -226,6 +230,7 @@ def apply_skip_plan(model: torch.nn.Module, plan: SkipPlan, *, backend: str = "a
         def post_hook(module, args, kwargs, output):
             state.in_call = False
             state.schedules = {}
+            state.prune.end_call()
             if output is None:  # the forward raised: forget everything it may have half-recorded
                 state.history = None
             elif state.active:

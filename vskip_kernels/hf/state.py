@@ -14,6 +14,8 @@ from ..ops.dispatch import resolve_backend
 from ..plan import SkipPlan
 from ..schedule import plan_schedule
 from ..visual_tokens import VisualTokenRule
+from . import compat
+from .prune import PruneTracker
 
 
 class VisualMassRecorder:
@@ -30,6 +32,7 @@ class VisualMassRecorder:
 class SkipState:
     def __init__(self, plan: SkipPlan, backend: str, visual_ids: list[int]):
         self.plan = plan
+        self.prune = PruneTracker(plan)
         self.backend = backend
         self.visual_rule = VisualTokenRule(visual_ids)
         # Modality of every position the cache holds (plus the current call's), [B, L] bool.
@@ -41,6 +44,12 @@ class SkipState:
         self.active = True
 
     # -- plan -------------------------------------------------------------------------
+    def set_plan(self, plan: SkipPlan) -> None:
+        """Switch plans; the visual history stays (a cache may continue under the new plan)."""
+        self.plan = plan
+        self.prune = PruneTracker(plan)
+        self.schedules = {}
+
     def policy(self, layer: int) -> str:
         return self.plan.policy_for(layer)
 
@@ -52,6 +61,15 @@ class SkipState:
         byp = set(self.plan.decode_bypass_layers)
         return next(i for i in range(self.plan.num_layers) if i not in byp)
 
+    def full_past(self, cache) -> int:
+        """Positions of the full sequence (the model's numbering) cached before a call."""
+        ref = self.reference_layer()
+        tracked = None if self.history is None else self.history.shape[1]
+        n = compat.past_length(cache, ref, tracked)
+        if n and not torch.compiler.is_compiling():
+            n += self.prune.offset(ref)
+        return n
+
     # -- visual masks ---------------------------------------------------------------------
     def reset_call(self) -> None:
         self.schedules = {}
@@ -60,10 +78,16 @@ class SkipState:
         self.history = None
         self.in_call = False
         self.schedules = {}
+        self.prune.clear()
 
-    def current_visual(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(is_visual [B, L], context padding mask or None) for the keys of the running call."""
+    def current_visual(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(is_visual [B, L], context padding mask or None) for the keys of ``layer`` in the running
+        call; a layer after a prune stage sees its segment's kept positions (its mask comes with
+        the layer's kwargs)."""
         if self.in_call:
+            seg = self.prune.visual(layer)
+            if seg is not None:
+                return seg[0], None
             if self.history is None:
                 raise RuntimeError("internal error: no visual history inside a patched forward")
             return self.history, None
@@ -77,7 +101,7 @@ class SkipState:
 
     def masks_for(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, layer: int):
         """Keys/values cut to the L known positions, is_visual [B, L] and the 2-D padding mask [B, L]."""
-        is_visual, ctx_mask = self.current_visual()
+        is_visual, ctx_mask = self.current_visual(layer)
         b, nq, nk = query.shape[0], query.shape[2], key.shape[2]
         L = is_visual.shape[1]
         if is_visual.shape[0] != b:
@@ -110,12 +134,13 @@ class SkipState:
                 mask = mask != 0
         return key, value, is_visual.to(query.device), mask
 
-    def schedule_for(self, is_visual, mask, query, policy):
-        """A tile schedule shared by every layer of this policy in the running call (triton only)."""
+    def schedule_for(self, is_visual, mask, query, policy, layer: int):
+        """A tile schedule shared by every layer of this policy and prune segment in the running
+        call (triton only)."""
         if resolve_backend(self.backend, query.device) != "triton":
             return None
         nq, nk = query.shape[2], is_visual.shape[1]
-        key = (policy, nq, nk, query.shape[3], query.dtype, query.device)
+        key = (policy, self.prune.segment(layer), nq, nk, query.shape[3], query.dtype, query.device)
         sched = self.schedules.get(key) if self.in_call else None
         if sched is None:
             sched = plan_schedule(is_visual, mask, nq=nq, policy=policy, visual_self=True, like=query)
