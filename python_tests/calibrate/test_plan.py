@@ -6,7 +6,7 @@ import os
 import pytest
 
 from vskip_kernels import SkipPlan
-from vskip_kernels.plan import PLAN_FORMAT, PlanError
+from vskip_kernels.plan import PLAN_FORMAT, PlanError, PruneStage
 
 
 def _plan(**kw):
@@ -108,3 +108,42 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 def test_empty_plan():
     assert SkipPlan(num_layers=4).is_empty
     assert not _plan().is_empty
+
+
+def test_prune_stages_round_trip_as_json(tmp_path):
+    plan = _plan(prune=[{"layer": 2, "keep": 0.5}, PruneStage(layer=5, keep=0.25, rank="mean")])
+    assert plan.prune == [PruneStage(2, 0.5, "last"), PruneStage(5, 0.25, "mean")]
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    data = json.loads(path.read_text())
+    assert data["prune"] == [{"layer": 2, "keep": 0.5, "rank": "last"}, {"layer": 5, "keep": 0.25, "rank": "mean"}]
+    again = SkipPlan.load(path)
+    assert again == plan and not again.is_empty
+    assert again.prune_stage_at(5) == PruneStage(5, 0.25, "mean") and again.prune_stage_at(3) is None
+    assert SkipPlan(num_layers=4, prune=[{"layer": 1, "keep": 0}]).prune[0].keep == 0.0  # VTW
+    assert SkipPlan(num_layers=4, prune=[{"layer": 0, "keep": 0.0}]).prune[0].layer == 0
+
+
+@pytest.mark.parametrize(
+    "prune, match",
+    [
+        ([{"layer": 8, "keep": 0.5}], r"prune\[0\]: layer 8 is out of range for a model with 8"),
+        ([{"layer": -1, "keep": 0.5}], "out of range"),
+        ([{"layer": 0, "keep": 0.5}], "layer 0 with keep=0.5 has no earlier layer to rank"),
+        ([{"layer": 2, "keep": 1.5}], r"keep must be a fraction in \[0, 1\]"),
+        ([{"layer": 2, "keep": -0.1}], r"keep must be a fraction in \[0, 1\]"),
+        ([{"layer": 2, "keep": True}], "keep must be a fraction"),
+        ([{"layer": 2, "keep": 0.5, "rank": "max"}], "rank must be one of"),
+        ([{"layer": 2.0, "keep": 0.5}], "layer must be an integer"),
+        ([{"layer": 3, "keep": 0.5}, {"layer": 3, "keep": 0.25}], "strictly increasing layers, got 3 then 3"),
+        ([{"layer": 4, "keep": 0.5}, {"layer": 2, "keep": 0.25}], "strictly increasing layers, got 4 then 2"),
+        ([{"layer": 2, "keep": 0.25}, {"layer": 4, "keep": 0.5}], "cannot keep more than an earlier stage"),
+        ([{"layer": 2}], "must be an object with 'layer', 'keep'"),
+        ([{"layer": 2, "keep": 0.5, "ratio": 1}], "must be an object with 'layer', 'keep'"),
+        ([3], r"prune\[0\] must be a PruneStage or a dict"),
+        ({"layer": 2, "keep": 0.5}, "prune must be a list of stages"),
+    ],
+)
+def test_invalid_prune_stages(prune, match):
+    with pytest.raises(PlanError, match=match):
+        _plan(prune=prune)

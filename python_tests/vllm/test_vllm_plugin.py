@@ -70,6 +70,8 @@ def test_bad_plans_fail_at_start_up(llava, tmp_path):
         llava, {"format": "vskip-plan/1", "num_layers": 4, "decode_bypass_layers": [0, 1, 2, 3]}, "every decoder layer"
     )
     _bad(llava, 42, "must be a path to a plan JSON file or a plan dict")
+    pruned = {"format": "vskip-plan/1", "num_layers": 4, "prune": [{"layer": 2, "keep": 0.5}]}
+    _bad(llava, pruned, r"prune stages \(layers \[2\]\), which the vLLM backend does not run")
     with pytest.raises(PlanError, match="unknown vskip option"):
         H.make_llm(llava, None, additional_config={"vskip_plam": "plan.json"})
 

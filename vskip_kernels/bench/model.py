@@ -17,14 +17,16 @@ import gc
 
 import torch
 
-from vskip_kernels import SkipPlan
+from vskip_kernels import PruneStage, SkipPlan
+from vskip_kernels.cost import DecoderDims, prefill_cost
 from vskip_kernels.hf.compat import cache_kwargs  # generate()'s cache keyword (renamed in 5.24)
 
 from .common import check, checkpoint, fill_speedups, find, free_memory, result_entry, summarize, wall_ms
-from .model_configs import MODEL_CASES, SMOKE_MODEL_CASES, build_model, input_ids_for, text_config
+from .model_configs import MODEL_CASES, SMOKE_MODEL_CASES, build_model, input_ids_for, text_config, visual_token_id
 
 DENSE = "dense (sdpa)"
 VSKIP_N, SHORTV_N, FLASHVLM_R = 19, 19, 0.2
+FASTV_K, FASTV_KEEP = 2, 0.5  # FastV's K=2 R=50%, the setting ShortV (Table 5) and V-Skip (Table 2) combine with
 
 
 # --methods keys, in method_plans' order; the dense SDPA baseline always runs first
@@ -37,6 +39,9 @@ METHOD_KEYS = (
     "vskip+flashvlm",
     "shortv+flashvlm",
     "shortv+vskip",
+    "fastv",
+    "fastv+shortv",
+    "fastv+vskip",
 )
 
 
@@ -61,6 +66,7 @@ def _all_plans(num_layers: int, smoke: bool):
     k = max(1, round(FLASHVLM_R * num_layers))
     deepest = lambda c: list(range(num_layers - c, num_layers))
     mk = lambda **kw: SkipPlan(num_layers=num_layers, method="manual (deepest layers, timing only)", **kw)
+    fastv = [PruneStage(min(FASTV_K, num_layers - 1), FASTV_KEEP)]
     return [
         (DENSE, None, {"kind": "dense"}),
         ("dense (vskip_kernels attention, empty plan)", mk(), {"kind": "dense"}),
@@ -81,6 +87,17 @@ def _all_plans(num_layers: int, smoke: bool):
             f"shortv N={n} + vskip in the other {num_layers - n} layers",
             mk(frozen_layers=deepest(n), vskip_layers=list(range(num_layers - n))),
             {"kind": "shortv+vskip", "n": n, "vskip_n": num_layers - n},
+        ),
+        (f"fastv K={fastv[0].layer} keep={FASTV_KEEP}", mk(prune=fastv), {"kind": "fastv", "k": fastv[0].layer}),
+        (
+            f"fastv K={fastv[0].layer} keep={FASTV_KEEP} + shortv N={n}",
+            mk(prune=fastv, frozen_layers=deepest(n)),
+            {"kind": "fastv+shortv", "k": fastv[0].layer, "n": n},
+        ),
+        (
+            f"fastv K={fastv[0].layer} keep={FASTV_KEEP} + vskip N={n}",
+            mk(prune=fastv, vskip_layers=deepest(n)),
+            {"kind": "fastv+vskip", "k": fastv[0].layer, "n": n},
         ),
     ]
 
@@ -216,6 +233,10 @@ def run_model(case, args, device, dtype, progress=None):
         num_layers = text_config(model).num_hidden_layers
         want_graphs = args.decode_mode == "graphs" and device.type == "cuda"
         plans = method_plans(num_layers, args.smoke, getattr(args, "methods", None))
+        # counted cost of each plan on this prompt, beside the times (the same on every machine)
+        dims = DecoderDims.from_config(text_config(model))
+        layout = ids[0].cpu() == visual_token_id(model, case)
+        dense_cost = prefill_cost(None, layout, dims, kv_bytes_per_elem=dtype.itemsize)
         for name, plan, desc in plans:
             handle = None
             try:
@@ -235,6 +256,7 @@ def run_model(case, args, device, dtype, progress=None):
                     torch._dynamo.reset()  # the next method patches the model: compile it afresh
                 free_memory(device)
             timing, peak = fields.pop("timing"), fields.pop("peak")
+            cost = prefill_cost(plan, layout, dims, kv_bytes_per_elem=dtype.itemsize)
             entry = result_entry(
                 name,
                 timing,
@@ -247,8 +269,12 @@ def run_model(case, args, device, dtype, progress=None):
                     "vskip": plan.vskip_layers,
                     "frozen": plan.frozen_layers,
                     "decode_bypass": plan.decode_bypass_layers,
+                    "prune": [vars(st) for st in plan.prune],
                 },
                 decode_mode=mode,
+                decoder_prefill_flops=cost.flops,
+                decoder_flops_pct_of_dense=100 * cost.flops / dense_cost.flops,
+                kv_cache_bytes=cost.kv_bytes,
                 **fields,
             )
             if want_graphs and fallback is not None:

@@ -261,6 +261,10 @@ def render_decode(doc):
     return table(["heads", "cache", "ours ms", "ours GB/s"] + [f"{b} ms (our speedup)" for b in others], rows)
 
 
+def _mib(n) -> str:
+    return "—" if n is None else f"{n / 2**20:.1f}"
+
+
 def render_model(doc):
     rows = []
     for c in doc["cases"]:
@@ -270,6 +274,8 @@ def render_model(doc):
                 [
                     c["model"],
                     r["backend"],
+                    fmt(r.get("decoder_flops_pct_of_dense")),
+                    _mib(r.get("kv_cache_bytes")),
                     fmt(r.get("prefill_ms")),
                     fmt(r.get("decode_ms_per_token")),
                     fmt(r.get("avg_output_len")),
@@ -280,11 +286,13 @@ def render_model(doc):
                 ]
             )
         for s in c.get("skipped", []):
-            rows.append([c["model"], s["backend"], f"skipped: {s['reason'][:60]}"] + ["—"] * 6)
+            rows.append([c["model"], s["backend"], f"skipped: {s['reason'][:60]}"] + ["—"] * 8)
     return table(
         [
             "model",
             "method",
+            "FLOPs % of dense (counted)",
+            "KV MiB (counted)",
             "prefill/TTFT ms",
             "decode ms/token",
             "avg len",

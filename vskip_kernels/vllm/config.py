@@ -94,6 +94,13 @@ def plan_from_additional_config(additional_config: Any) -> SkipPlan | None:
             raise PlanError(f"{_WHERE}: {exc}") from None
     else:
         raise PlanError(f"{_WHERE} must be a path to a plan JSON file or a plan dict, got {type(value).__name__}")
+    if plan.prune:
+        raise PlanError(
+            f"{_WHERE}: the plan has prune stages (layers {[s.layer for s in plan.prune]}), which the vLLM backend "
+            "does not run: chunked prefill and prefix caching conflict with ranking on the last prompt token "
+            "(docs/DESIGN.md, 'Token pruning and vLLM'). Run pruned plans with the Hugging Face drop-in, or remove "
+            "the stages"
+        )
     return None if plan.is_empty else plan
 
 
