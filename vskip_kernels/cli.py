@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="method option, e.g. num_samples=40, kl_direction=reverse, target=frozen, tokens=visual",
     )
+    c.add_argument(
+        "--base-plan",
+        help="plan JSON to calibrate on top of (e.g. prune stages): visual_mass/vig/lc score the model under it, "
+        "and the output plan is it plus the chosen layers",
+    )
     c.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("diagnostics", help="print Skip-It's per-layer redundancy measures")
@@ -227,6 +232,7 @@ def _check_rows_fit(rows, model) -> None:
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
     from .calibrate.data import batches
+    from .plan import SkipPlan
 
     if args.data is None and args.method not in ("depth", "random"):
         raise CLIError(f"--data is required for --method {args.method}")
@@ -235,6 +241,7 @@ def cmd_calibrate(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise CLIError(f"output folder does not exist: {out_dir}")
+    base_plan = SkipPlan.load(args.base_plan) if args.base_plan else None
     rows = _rows(args) if args.data is not None else None
     model, processor = load_model(args)
     data = None
@@ -250,6 +257,7 @@ def cmd_calibrate(args) -> int:
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
         progress=not args.no_progress,
+        base_plan=base_plan,
         **dict(args.option),
     )
     if plan.model.get("name_or_path") in ("", None):
@@ -264,7 +272,8 @@ def cmd_calibrate(args) -> int:
         )
         if v
     }
-    print(f"{args.method}: {plan.budget} of {plan.num_layers} layers {chosen or '(none)'} -> {args.output}")
+    on = " (with the base plan's)" if base_plan is not None else ""
+    print(f"{args.method}: {plan.budget} of {plan.num_layers} layers {chosen or '(none)'}{on} -> {args.output}")
     return 0
 
 

@@ -5,8 +5,11 @@ scenes of coloured shapes; its answers need the image. For each skipping mode th
 demo calibrates the paper's metric (V-Skip VIG -> vskip, ShortV LC -> frozen,
 FlashVLM visual mass -> decode bypass) and the papers' baselines (ShortGPT cosine,
 depth, random) with the same target, on the calibration split; applies each plan
-for N layers, N swept; and reports, against the dense model on the evaluation split:
-accuracy, token agreement, prefill and decode time.
+for N layers, N swept. Then token pruning, as the papers run it: FastV (K in {2, 4},
+keep in {0.5, 0.25}), VTW (every visual token withdrawn at the middle layer), and FastV
+(K=2, keep 0.5) followed by ShortV/LC and V-Skip/VIG layers calibrated on the pruned model.
+It reports, against the dense model on the evaluation split: accuracy, token agreement,
+counted decoder prefill FLOPs (% of dense) and KV-cache bytes, prefill and decode time.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import torch
 MODES = {"vskip": "vig", "frozen": "lc", "decode_bypass": "visual_mass"}
 BASELINES = ("cosine", "depth", "random")
 SCORED = ("vig", "lc", "visual_mass", "cosine")  # per-layer scores worth printing and plotting
+FASTV = tuple((k, keep) for k in (2, 4) for keep in (0.5, 0.25))  # (K, keep) rows, FastV's grid
+COMBINED_BASE = (2, 0.5)  # the FastV stage the combinations calibrate on, as ShortV Table 5 and V-Skip Table 2
+COMBINED = (("frozen", "lc"), ("vskip", "vig"))  # mode and metric calibrated on top of FastV
 
 
 def _sync(device):
@@ -171,6 +177,7 @@ def run_demo(
 def _run_demo(quick, calibration_samples, eval_samples, budgets, dev, seed, progress, model_path, out) -> dict:
     from .calibrate import calibrate
     from .calibrate._common import TARGET_FIELDS, lowest
+    from .cost import DecoderDims, prefill_cost
     from .hf import apply_skip_plan, num_decoder_layers
     from .plan import SkipPlan
     from .tinyvlm.data import encode_prompts
@@ -222,6 +229,11 @@ def _run_demo(quick, calibration_samples, eval_samples, budgets, dev, seed, prog
         for n in budgets:
             layers: dict[str, Any] = {TARGET_FIELDS[mode]: lowest(sc, n)}
             plans.append((mode, method, n, SkipPlan(num_layers=num, method=method, budget=n, scores=sc, **layers)))
+    plans += _pruning_plans(model, cal, num, budgets, seed, tokens, progress)
+    # Counted on the first timing prompt: what the plan costs on any machine.
+    dims = DecoderDims.from_config(model.config.get_text_config())
+    layout = timing["input_ids"][0][timing["attention_mask"][0].bool()] == model.config.image_token_id
+    dense_cost = prefill_cost(None, layout, dims, kv_bytes_per_elem=dtype.itemsize)
     rows = []
     bar = _bar(len(plans), progress, "evaluating plans")
     handle = apply_skip_plan(model, plans[0][3])
@@ -233,14 +245,18 @@ def _run_demo(quick, calibration_samples, eval_samples, budgets, dev, seed, prog
                 acc, gen = _evaluate(model, processor, ev, batch_size, tokens)
                 if dense is None:
                     dense = gen
+                cost = prefill_cost(plan, layout, dims, kv_bytes_per_elem=dtype.itemsize)
                 rows.append(
                     {
                         "mode": mode,
                         "method": method,
                         "n": n,
-                        "layers": getattr(plan, TARGET_FIELDS[mode]) if mode != "dense" else [],
+                        "layers": _layers_text(plan, mode),
+                        "prune": [vars(s) for s in plan.prune],
                         "accuracy": acc,
                         "agreement": _agreement(gen, dense, EOS),
+                        "flops_pct": 100 * cost.flops / dense_cost.flops,
+                        "kv_bytes": cost.kv_bytes,
                     }
                 )
                 if bar is not None:
@@ -262,17 +278,59 @@ def _run_demo(quick, calibration_samples, eval_samples, budgets, dev, seed, prog
     }
 
 
+def _pruning_plans(model, cal, num: int, budgets, seed: int, tokens: int, progress) -> list:
+    """(mode, method, N, plan) rows of token pruning: FastV's grid, VTW, and FastV followed by
+    layers calibrated on the pruned model (``calibrate(..., base_plan=fastv)``)."""
+    from .calibrate import calibrate
+    from .calibrate._common import TARGET_FIELDS, lowest
+    from .plan import PruneStage, SkipPlan
+
+    out = []
+    for k, keep in FASTV:
+        out.append(("fastv", "last", 0, SkipPlan(num_layers=num, method="fastv", prune=[PruneStage(k, keep)])))
+    out.append(("vtw", "-", 0, SkipPlan(num_layers=num, method="vtw", prune=[PruneStage(num // 2, 0.0)])))
+    base = SkipPlan(num_layers=num, method="fastv", prune=[PruneStage(*COMBINED_BASE)])
+    for mode, metric in COMBINED:
+        plan = calibrate(
+            model,
+            cal,
+            metric,
+            budget=budgets[-1],
+            seed=seed,
+            max_new_tokens=tokens,
+            progress=progress,
+            target=mode,
+            base_plan=base,
+        )
+        assert plan.scores is not None
+        for n in budgets:
+            layers: dict[str, Any] = {TARGET_FIELDS[mode]: lowest(plan.scores, n)}
+            pruned = SkipPlan(num_layers=num, method=metric, budget=n, scores=plan.scores, prune=base.prune, **layers)
+            out.append((f"fastv+{mode}", metric, n, pruned))
+    return out
+
+
+def _layers_text(plan, mode: str) -> str:
+    from .calibrate._common import TARGET_FIELDS
+
+    parts = [f"K={s.layer} keep={s.keep:g}" for s in plan.prune]
+    layers = getattr(plan, TARGET_FIELDS[mode.split("+")[-1]]) if mode.split("+")[-1] in TARGET_FIELDS else []
+    if layers or not parts:
+        parts.append(str(layers))
+    return " ".join(parts)
+
+
 def print_table(rows: list[dict], out=print) -> None:
     dense = rows[0]["accuracy"]
     out(
         f"{'mode':<14} {'method':<12} {'N':>2} {'layers':<34} {'accuracy':>8} {'vs dense':>8} {'agree':>6} "
-        f"{'prefill ms':>10} {'decode ms/tok':>13}"
+        f"{'FLOPs':>6} {'KV KiB':>7} {'prefill ms':>10} {'decode ms/tok':>13}"
     )
     for r in rows:
         out(
-            f"{r['mode']:<14} {r['method']:<12} {r['n']:>2} {str(r['layers']):<34} {r['accuracy'] * 100:>7.1f}% "
-            f"{(r['accuracy'] - dense) * 100:>+7.1f} {r['agreement'] * 100:>5.1f}% {r['prefill_ms']:>10.1f} "
-            f"{r['decode_ms_per_token']:>13.2f}"
+            f"{r['mode']:<14} {r['method']:<12} {r['n']:>2} {r['layers']:<34} {r['accuracy'] * 100:>7.1f}% "
+            f"{(r['accuracy'] - dense) * 100:>+7.1f} {r['agreement'] * 100:>5.1f}% {r['flops_pct']:>5.1f}% "
+            f"{r['kv_bytes'] / 1024:>7.1f} {r['prefill_ms']:>10.1f} {r['decode_ms_per_token']:>13.2f}"
         )
 
 

@@ -224,13 +224,26 @@ def test_demo_end_to_end(capsys):
         (mode, m)
         for mode, first in (("vskip", "vig"), ("frozen", "lc"), ("decode_bypass", "visual_mass"))
         for m in (first, "cosine", "depth", "random")
-    ]
+    ] + [("fastv", "last")] * 4 + [("vtw", "-"), ("fastv+frozen", "lc"), ("fastv+vskip", "vig")]
+    # columns from the right: decode ms/tok, prefill ms, KV KiB, FLOPs %, agree, vs dense, accuracy
     dense = table[0]
-    assert dense[5] == "+0.0" and dense[6] == "100.0%"  # the dense row agrees with itself
-    for row in table[1:]:
+    assert dense[-6] == "+0.0" and dense[-5] == "100.0%" and dense[-4] == "100.0%"  # agrees with itself; all FLOPs
+    dense_kv = float(dense[-3])
+    for row in table[1:13]:
         assert row[2] == "3"
-        layers = json.loads(" ".join(row[3:-5]))
+        layers = json.loads(" ".join(row[3:-7]))
         assert len(layers) == 3 and all(0 <= i < 12 for i in layers)
+    pruned = table[13:]
+    assert [" ".join(r[3:5]) for r in pruned] == [f"K={k} keep={r:g}" for k in (2, 4) for r in (0.5, 0.25)] + [
+        "K=6 keep=0",
+        "K=2 keep=0.5",
+        "K=2 keep=0.5",
+    ]
+    for row in pruned:  # counted: pruning saves prefill FLOPs and KV cache
+        assert float(row[-4].rstrip("%")) < 100 and float(row[-3]) < dense_kv
+    for row in pruned[-2:]:  # FastV, then layers calibrated on the pruned model
+        layers = json.loads(" ".join(row[5:-7]))
+        assert row[2] == "3" and len(layers) == 3
     # decode steps are timed directly: never the 0.00 that a clamped difference of two runs gave
     assert all(float(row[-1]) > 0 and float(row[-2]) > 0 for row in table)
     assert " thread" in lines[0]

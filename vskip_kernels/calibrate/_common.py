@@ -11,6 +11,7 @@ import torch
 
 TARGETS = ("decode_bypass", "vskip", "frozen")
 TARGET_FIELDS = {"decode_bypass": "decode_bypass_layers", "vskip": "vskip_layers", "frozen": "frozen_layers"}
+PLAN_LISTS = ("vskip_layers", "frozen_layers", "decode_bypass_layers")
 
 
 def resolve_budget(num_layers: int, budget, skip_ratio) -> int:
@@ -31,6 +32,44 @@ def resolve_budget(num_layers: int, budget, skip_ratio) -> int:
         raise ValueError(f"skip_ratio must be in [0, 1], got {skip_ratio!r}")
     # Exact decimal arithmetic: with floats, floor(0.29 * 100) would give 28.
     return math.floor(Fraction(repr(float(skip_ratio))) * num_layers)
+
+
+def check_base_plan(base_plan, num_layers: int):
+    """``base_plan`` itself, checked: a SkipPlan that fits a model with ``num_layers`` layers."""
+    from ..plan import SkipPlan
+
+    if not isinstance(base_plan, SkipPlan):
+        raise TypeError(f"base_plan must be a vskip_kernels.SkipPlan, got {type(base_plan).__name__}")
+    base_plan.validate()
+    base_plan.check_model(num_layers)
+    return base_plan
+
+
+def with_layers(base, field: str | None = None, layers: Iterable[int] = (), **meta):
+    """A new SkipPlan holding ``base``'s layer lists and prune stages (copies), with ``layers``
+    added to the list ``field`` (e.g. "vskip_layers"); ``meta`` (method, scores, ...) goes to
+    the SkipPlan as is, none of ``base``'s is kept."""
+    from ..plan import PruneStage, SkipPlan
+
+    lists: dict[str, Any] = {f: list(getattr(base, f)) for f in PLAN_LISTS}
+    if field is not None:
+        lists[field] = sorted(set(lists[field]) | set(layers))
+    stages = [PruneStage(s.layer, s.keep, s.rank) for s in base.prune]
+    return SkipPlan(num_layers=base.num_layers, prune=stages, **lists, **meta)
+
+
+def taken_layers(base, field: str) -> set[int]:
+    """Layers of ``base`` that cannot be added to its list ``field`` (already there, or, for
+    vskip/frozen, in the other prefill list: a layer runs one prefill policy)."""
+    if field == "decode_bypass_layers":
+        return set(base.decode_bypass_layers)
+    return set(base.vskip_layers) | set(base.frozen_layers)
+
+
+def plan_summary(base) -> dict[str, Any]:
+    """What a calibration record keeps of a base plan: its layer lists, prune stages and method."""
+    d = base.to_dict()
+    return {k: d[k] for k in ("method", "budget", *PLAN_LISTS, "prune")}
 
 
 def lowest(scores: list[float], k: int) -> list[int]:

@@ -8,7 +8,19 @@ from typing import Any
 import torch
 
 from ..plan import SkipPlan
-from ._common import TARGET_FIELDS, TARGETS, check_choice, lowest, model_info, pop_options, resolve_budget
+from ._common import (
+    TARGET_FIELDS,
+    TARGETS,
+    check_base_plan,
+    check_choice,
+    lowest,
+    model_info,
+    plan_summary,
+    pop_options,
+    resolve_budget,
+    taken_layers,
+    with_layers,
+)
 
 # Which plan list each method fills unless told otherwise (option ``target``).
 # visual_mass/vig/lc: the list of the paper that defined them. The hidden-state and
@@ -26,6 +38,8 @@ DEFAULT_TARGETS = {
 }
 METHODS = tuple(DEFAULT_TARGETS)
 DATA_FREE = ("depth", "random")
+# Methods that score the patched model, so they can score it under a base plan.
+BASE_PLAN_METHODS = ("visual_mass", "vig", "lc")
 
 
 def _hidden_options(method: str, options: dict[str, Any], target: str) -> dict[str, Any]:
@@ -48,6 +62,7 @@ def calibrate(
     seed: int = 0,
     max_new_tokens: int = 32,
     progress: bool = True,
+    base_plan: SkipPlan | None = None,
     **method_options,
 ) -> SkipPlan:
     """Score the decoder layers of ``model`` on ``batches`` with ``method`` and pick layers to skip.
@@ -65,17 +80,53 @@ def calibrate(
       angular     -> decode_bypass_layers  UIDL block; options n (= budget), tokens ("last"), target.
       depth, random -> decode_bypass_layers  option target.
     Every method takes ``target`` ("decode_bypass", "vskip", "frozen") to fill another list.
+
+    base_plan: a SkipPlan for this model to calibrate on top of (e.g. FastV pruning, then
+    ShortV or V-Skip). visual_mass, vig and lc then score the model under it: the reference
+    run is the base plan, vig/lc probe layer l as the base plan plus l in vskip/frozen
+    (with prune stages every probe is a full forward, L + 1 per sample), and visual_mass
+    generates under it. depth and random take it too (their scores ignore the model);
+    cosine, l2 and angular do not (ValueError). Layers the base plan already uses score
+    +inf and are never chosen: those already in the target list, for vskip/frozen targets
+    those in the other prefill list as well (a layer runs one prefill policy), for vig/lc
+    the layers whose probe would conflict the same way, and for visual_mass the layers the
+    base plan bypasses on decode (they have no decode attention to measure). The returned
+    plan holds the base plan's layer lists and prune stages with the chosen layers added;
+    ``calibration["base_plan"]`` records the base plan, ``budget`` counts the added layers.
     """
     from ..hf import apply_skip_plan, decoder_layers, language_model, num_decoder_layers
 
     check_choice("method", method, METHODS)
     num = num_decoder_layers(model)
     k = resolve_budget(num, budget, skip_ratio)
+    exclude: set[int] = set()
+    if base_plan is not None:
+        check_base_plan(base_plan, num)
+        if method not in BASE_PLAN_METHODS and method not in DATA_FREE:
+            raise ValueError(
+                f"base_plan applies to the methods that score the patched model ({', '.join(BASE_PLAN_METHODS)}) "
+                f"and to the data-free {' and '.join(DATA_FREE)}; {method!r} scores the unpatched model's hidden states"
+            )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     options = dict(method_options)
     target = check_choice("target", options.get("target", DEFAULT_TARGETS[method]), TARGETS)
     record: dict[str, Any] = {}
+    field = TARGET_FIELDS[target]
+    if base_plan is not None:
+        exclude = taken_layers(base_plan, field)
+        if method == "vig":
+            exclude |= taken_layers(base_plan, "vskip_layers")
+        elif method == "lc":
+            exclude |= taken_layers(base_plan, "frozen_layers")
+        elif method == "visual_mass":
+            exclude |= set(base_plan.decode_bypass_layers)
+        if k > num - len(exclude):
+            raise ValueError(
+                f"budget {k} exceeds the {num - len(exclude)} layers the base plan leaves to {method} "
+                f"(layers {sorted(exclude)} are taken)"
+            )
+        record["base_plan"] = plan_summary(base_plan)
     torch.manual_seed(seed)
 
     if method in DATA_FREE:
@@ -83,6 +134,7 @@ def calibrate(
         from .baselines import depth_scores, random_scores
 
         scores = depth_scores(num) if method == "depth" else random_scores(num, seed)
+        scores = [float("inf") if l in exclude else v for l, v in enumerate(scores)]
         chosen, samples = lowest(scores, k), 0
     elif method in ("cosine", "l2", "angular"):
         opts = _hidden_options(method, options, target)
@@ -127,13 +179,20 @@ def calibrate(
             raise ValueError(f"method {method!r} needs calibration batches, got None")
         was_training = model.training
         model.eval()
-        handle = apply_skip_plan(model, SkipPlan(num_layers=num), backend=opts["backend"])
+        base = with_layers(base_plan) if base_plan is not None else SkipPlan(num_layers=num)
+        handle = apply_skip_plan(model, base, backend=opts["backend"])
         try:
             if method == "visual_mass":
                 from .visual_mass import visual_mass_scores
 
                 scores, samples, tokens = visual_mass_scores(
-                    model, handle, num, batches, max_new_tokens=max_new_tokens, show_progress=progress
+                    model,
+                    handle,
+                    num,
+                    batches,
+                    max_new_tokens=max_new_tokens,
+                    show_progress=progress,
+                    exclude=exclude,
                 )
                 record.update(max_new_tokens=max_new_tokens, num_tokens=tokens)
             else:
@@ -150,6 +209,8 @@ def calibrate(
                     num_samples=opts["num_samples"],
                     kl_direction=opts["kl_direction"],
                     show_progress=progress,
+                    base=base,
+                    exclude=exclude,
                 )
         finally:
             handle.remove()
@@ -158,13 +219,13 @@ def calibrate(
 
     if skip_ratio is not None:
         record["skip_ratio"] = skip_ratio
-    plan = SkipPlan(
-        num_layers=num,
+    return with_layers(
+        base_plan if base_plan is not None else SkipPlan(num_layers=num),
+        field,
+        chosen,
         method=method,
         budget=k,
         scores=[float(s) for s in scores],
         model=model_info(model, num),
         calibration={"seed": seed, "num_samples": samples, "options": opts, **record},
-        **{TARGET_FIELDS[target]: chosen},
     )
-    return plan

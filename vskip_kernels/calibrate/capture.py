@@ -84,3 +84,18 @@ def layer_calls(layers):
     finally:
         for h in hooks:
             h.remove()
+
+
+@contextmanager
+def last_layer_output(layers):
+    """The output of the last decoder layer of the latest forward pass, in a one-item list."""
+    final: list = [None]
+
+    def post(module, args, kwargs, out):
+        final[0] = layer_output(out)
+
+    hook = layers[-1].register_forward_hook(post, with_kwargs=True)
+    try:
+        yield final
+    finally:
+        hook.remove()

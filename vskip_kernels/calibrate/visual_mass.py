@@ -9,6 +9,8 @@ ones bypassed during decode.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from ._common import iter_batches, prepare, progress
@@ -37,12 +39,28 @@ def _counted_steps(generated: torch.Tensor, steps: int, eos: list[int]) -> torch
 
 
 def visual_mass_scores(
-    model, handle, num_layers: int, batches, *, max_new_tokens: int, show_progress: bool = True
+    model,
+    handle,
+    num_layers: int,
+    batches,
+    *,
+    max_new_tokens: int,
+    show_progress: bool = True,
+    exclude: Iterable[int] = (),
 ) -> tuple[list[float], int, int]:
-    """Returns (A_v per layer, number of samples, number of counted tokens)."""
+    """Returns (A_v per layer, number of samples, number of counted tokens).
+
+    The mass is what the patched model's attention sees under the handle's plan: with prune
+    stages, layers from a stage on attend only the kept visual tokens. Layers in ``exclude``
+    (e.g. ones the plan bypasses on decode steps, which then record nothing) score +inf.
+    """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     eos = _eos_ids(model)
+    skip = set(exclude)
+    measured = [l for l in range(num_layers) if l not in skip]
+    if not measured:
+        raise ValueError("visual_mass has no layer left to measure: every layer is excluded")
     sums = torch.zeros(num_layers, dtype=torch.float64)
     tokens = 0
     samples = 0
@@ -66,17 +84,18 @@ def visual_mass_scores(
                     use_cache=True,
                 )
             generated = seqs[:, n_prompt:]
-            steps = len(rec.per_layer.get(0, []))
-            if steps == 0 or any(len(rec.per_layer.get(l, [])) != steps for l in range(num_layers)):
+            steps = len(rec.per_layer.get(measured[0], []))
+            if steps == 0 or any(len(rec.per_layer.get(l, [])) != steps for l in measured):
                 got = {l: len(v) for l, v in rec.per_layer.items()}
                 raise RuntimeError(f"the visual-mass recorder saw an uneven number of steps per layer: {got}")
             valid = _counted_steps(generated, steps, eos)  # [B, steps]
             w = valid.T.to(torch.float64)  # [steps, B]
-            for l in range(num_layers):
+            for l in measured:
                 m = torch.stack([t.to(torch.float64) for t in rec.per_layer[l]])  # [steps, B, Hq]
                 sums[l] += (m.mean(dim=-1) * w.to(m.device)).sum().cpu()
             tokens += int(valid.sum())
             samples += generated.shape[0]
     if samples == 0:
         raise ValueError("batches is empty: calibration needs at least one sample")
-    return (sums / tokens).tolist(), samples, tokens
+    scores = (sums / tokens).tolist()
+    return [float("inf") if l in skip else v for l, v in enumerate(scores)], samples, tokens

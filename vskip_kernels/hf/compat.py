@@ -21,7 +21,7 @@ import warnings
 import torch
 
 # Oldest and newest transformers releases the HF-facing tests run against in CI.
-TESTED = ("5.17.0", "5.24.0")
+TESTED = ("5.17.0", "5.25.0")
 
 # Cache keyword names, newest first. Models take one of them; generate() and callers of
 # older code may still pass the other (transformers renames it inside forward, after

@@ -88,7 +88,7 @@ class PruneTracker:
         self._carry: torch.Tensor | None = None
         self._call: tuple[torch.Tensor, torch.Tensor] | None = None  # (is_visual, real) of the prompt call
         self._n_visual: list[int] = []
-        self._pos_cache: dict[int, tuple] = {}
+        self._pos_cache: dict[int, dict] = {}  # per segment: gathered position kwargs of the prompt call
 
     @property
     def active(self) -> bool:
