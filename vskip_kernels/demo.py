@@ -322,13 +322,14 @@ def _layers_text(plan, mode: str) -> str:
 
 def print_table(rows: list[dict], out=print) -> None:
     dense = rows[0]["accuracy"]
+    w = max(34, *(len(r["layers"]) for r in rows))
     out(
-        f"{'mode':<14} {'method':<12} {'N':>2} {'layers':<34} {'accuracy':>8} {'vs dense':>8} {'agree':>6} "
+        f"{'mode':<14} {'method':<12} {'N':>2} {'layers':<{w}} {'accuracy':>8} {'vs dense':>8} {'agree':>6} "
         f"{'FLOPs':>6} {'KV KiB':>7} {'prefill ms':>10} {'decode ms/tok':>13}"
     )
     for r in rows:
         out(
-            f"{r['mode']:<14} {r['method']:<12} {r['n']:>2} {r['layers']:<34} {r['accuracy'] * 100:>7.1f}% "
+            f"{r['mode']:<14} {r['method']:<12} {r['n']:>2} {r['layers']:<{w}} {r['accuracy'] * 100:>7.1f}% "
             f"{(r['accuracy'] - dense) * 100:>+7.1f} {r['agreement'] * 100:>5.1f}% {r['flops_pct']:>5.1f}% "
             f"{r['kv_bytes'] / 1024:>7.1f} {r['prefill_ms']:>10.1f} {r['decode_ms_per_token']:>13.2f}"
         )

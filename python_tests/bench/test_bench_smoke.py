@@ -110,10 +110,15 @@ def test_model_suite_content(smoke_run):
     dense = next(r for r in case["results"] if r["backend"] == "dense (sdpa)")
     assert dense["avg_output_len"] == 4 and dense["decode_mode"].startswith("eager")
     covered = {r["backend"] for r in case["results"]} | {s["backend"] for s in case["skipped"]}
-    assert len(covered) == 8  # every method is either measured or skipped with a reason
+    assert len(covered) == 11  # every method is either measured or skipped with a reason
     combined = next(r for r in case["results"] if r["method"]["kind"] == "shortv+vskip")
     assert not set(combined["plan"]["frozen"]) & set(combined["plan"]["vskip"])
     assert sorted(combined["plan"]["frozen"] + combined["plan"]["vskip"]) == list(range(4))
+    # counted cost beside the times: pruning at K=2 cuts prefill FLOPs and the KV cache
+    fastv = next(r for r in case["results"] if r["method"]["kind"] == "fastv")
+    assert fastv["plan"]["prune"] == [{"layer": 2, "keep": 0.5, "rank": "last"}]
+    assert dense["decoder_flops_pct_of_dense"] == 100.0
+    assert fastv["decoder_flops_pct_of_dense"] < 100 and fastv["kv_cache_bytes"] < dense["kv_cache_bytes"]
     for r in case["results"]:
         assert r["ttft_ms"] == r["ms_median"]
         assert r["throughput_tok_s"] == pytest.approx(r["avg_output_len"] / (r["total_ms"] * 1e-3))

@@ -220,14 +220,27 @@ def test_kv_cache_bytes_shrink_by_the_dropped_positions():
     assert got == [n * per_pos] * 2 + [longest_kept * per_pos] * 3
 
 
-def test_triton_backend_matches_torch_backend():
+def _triton_matches_torch(dev):
     """The same plan through the Triton kernels (ranking included) gives the torch backend's tokens."""
-    plan = dict(COMBINED, prune=FASTV)
+    plan = SkipPlan(num_layers=LAYERS, **COMBINED, prune=FASTV)
     fam = "qwen2_vl"
-    inputs = _batch(fam)
-    want = _patched(fam, inputs, plan, backend="torch")
-    got = _patched(fam, inputs, plan, backend="triton")
+    tri, tor = H.FACTORIES[fam](layers=LAYERS).to(dev), H.FACTORIES[fam](layers=LAYERS).to(dev)
+    inputs = {k: v.to(dev) for k, v in _batch(fam).items()}
+    apply_skip_plan(tri, plan, backend="triton")
+    apply_skip_plan(tor, plan, backend="torch")
+    with torch.no_grad():
+        got, want = _generate(tri, inputs), _generate(tor, inputs)
     _assert_same(got[:2], want[:2])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda-marked test below runs the kernels natively")
+def test_triton_backend_matches_torch_backend():
+    _triton_matches_torch("cpu")  # Triton's interpreter (the suite sets TRITON_INTERPRET=1 without CUDA)
+
+
+@pytest.mark.cuda
+def test_triton_backend_matches_torch_backend_on_cuda():
+    _triton_matches_torch("cuda")
 
 
 def test_continuing_an_unpruned_cache_is_refused():

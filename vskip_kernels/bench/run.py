@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="model suite: only these methods, in this order (the dense SDPA baseline always runs "
         "first): dense-sdpa dense-ours vskip shortv flashvlm vskip+flashvlm shortv+flashvlm "
-        "shortv+vskip",
+        "shortv+vskip fastv fastv+shortv fastv+vskip",
     )
     p.add_argument("--max-new-tokens", type=int, default=None, help="model suite: generated tokens per sample")
     p.add_argument("--model-repeats", type=int, default=None, help="model suite: generate() runs per method")

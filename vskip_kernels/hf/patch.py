@@ -233,6 +233,7 @@ def apply_skip_plan(model: torch.nn.Module, plan: SkipPlan, *, backend: str = "a
             state.prune.end_call()
             if output is None:  # the forward raised: forget everything it may have half-recorded
                 state.history = None
+                state.prune.clear()
             elif state.active:
                 # A cache the model created itself is first seen here.
                 cache_patch.attach(compat.output_cache(output), state)
