@@ -16,8 +16,12 @@ pytestmark = pytest.mark.hf
 
 @pytest.mark.parametrize(
     "plan",
-    [dict(), dict(vskip_layers=[1], frozen_layers=[2], decode_bypass_layers=[0, 3])],
-    ids=["empty", "vskip+frozen+bypass"],
+    [
+        dict(),
+        dict(vskip_layers=[1], frozen_layers=[2], decode_bypass_layers=[0, 3]),
+        dict(prune=[{"layer": 2, "keep": 0.5}], vskip_layers=[1], frozen_layers=[3], decode_bypass_layers=[0]),
+    ],
+    ids=["empty", "vskip+frozen+bypass", "fastv+vskip+frozen+bypass"],
 )
 def test_decode_step_compiles_fullgraph_and_matches_eager(plan):
     model = H.tiny_llava(layers=4)
