@@ -58,9 +58,26 @@ def plan_hooks(model, vskip=(), frozen=(), bypass=(), prune=()):
     out_state = {"dropped": {}}
     hooks = []
 
+    def follow_beams(cache):
+        """Beam search continues row i from row beam_idx[i]: its dropped positions go with it.
+        (Beams of one prompt can rank differently: transformers 5.17 hands LLaVA-NeXT's beams
+        of a multi-image prompt different image features.) The cache's reorder call is the one
+        place generate() says so; nothing else of the cache is read."""
+        if cache is None or getattr(cache, "_ref_follows_beams", False) or not prune:
+            return
+        reorder = cache.reorder_cache
+
+        def reorder_and_follow(beam_idx):
+            out_state["dropped"] = {k: v.index_select(0, beam_idx.cpu()) for k, v in out_state["dropped"].items()}
+            return reorder(beam_idx)
+
+        cache.reorder_cache = reorder_and_follow
+        cache._ref_follows_beams = True
+
     def top_pre(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         am = kwargs.get("attention_mask")
+        follow_beams(kwargs.get("cache", kwargs.get("past_key_values")))
         nq = ids.shape[1]
         # generate() drops an all-ones mask; then the calls of this context form one sequence
         seq_len = am.shape[1] if am is not None else st["seq_len"] + nq
