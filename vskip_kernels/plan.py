@@ -118,7 +118,7 @@ class SkipPlan:
     prune: list[PruneStage] = field(default_factory=list)
     method: str = "manual"
     budget: int | None = None
-    scores: list[float] | None = None
+    scores: list[float] | None = None  # +inf: a layer the calibration could not choose (JSON null)
     model: dict[str, Any] = field(default_factory=dict)  # name_or_path, architecture, num_layers
     calibration: dict[str, Any] = field(default_factory=dict)  # seed, num_samples, options
 
@@ -141,7 +141,14 @@ class SkipPlan:
         if self.scores is not None:
             if len(self.scores) != n:
                 raise PlanError(f"scores must hold one value per layer ({n}), got {len(self.scores)}")
-            self.scores = [float(s) for s in self.scores]
+            try:
+                self.scores = [float("inf") if s is None else float(s) for s in self.scores]
+            except (TypeError, ValueError):
+                raise PlanError(
+                    f"scores must be numbers (or null for a layer that cannot be chosen), got {self.scores}"
+                ) from None
+            if any(s != s or s == float("-inf") for s in self.scores):
+                raise PlanError(f"scores must not hold NaN or -inf, got {self.scores}")
         if self.budget is not None and (
             isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 0
         ):
@@ -174,6 +181,8 @@ class SkipPlan:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["scores"] is not None:  # strict JSON has no Infinity: an unchoosable layer is null
+            d["scores"] = [None if s == float("inf") else s for s in d["scores"]]
         return {"format": PLAN_FORMAT, **d}
 
     @classmethod
@@ -197,7 +206,7 @@ class SkipPlan:
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a crash never leaves a half-written plan behind."""
         path = os.fspath(path)
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
         d = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".tmp", dir=d)
         try:

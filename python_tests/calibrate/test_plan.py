@@ -147,3 +147,23 @@ def test_prune_stages_round_trip_as_json(tmp_path):
 def test_invalid_prune_stages(prune, match):
     with pytest.raises(PlanError, match=match):
         _plan(prune=prune)
+
+
+def test_unchoosable_layer_scores_are_strict_json_null(tmp_path):
+    """A calibration on a base plan scores the layers it cannot choose +inf; the file stays strict JSON."""
+    plan = _plan(scores=[0.5, float("inf"), 0.1, 0.2, float("inf"), 0.3, 0.4, 0.0])
+    path = tmp_path / "plan.json"
+    plan.save(path)
+
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    data = json.loads(path.read_text(), parse_constant=no_constants)
+    assert data["scores"][1] is None and data["scores"][4] is None and data["scores"][2] == 0.1
+    assert SkipPlan.load(path).scores == plan.scores
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf"), "x"])
+def test_invalid_scores(bad):
+    with pytest.raises(PlanError, match="scores must"):
+        _plan(scores=[bad] + [0.0] * 7)
