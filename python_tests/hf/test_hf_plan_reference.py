@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from python_tests import hf_models as H
+from python_tests.hf.generation import assert_same_generation, greedy_steps
 from python_tests.hf.hf_reference import plan_hooks
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan
@@ -20,17 +21,7 @@ ATOL = 1e-4
 
 
 def _generate(model, inputs, **kw):
-    out = model.generate(
-        **inputs,
-        do_sample=False,
-        max_new_tokens=STEPS,
-        min_new_tokens=STEPS,
-        output_scores=True,
-        return_dict_in_generate=True,
-        **kw,
-    )
-    n = inputs["input_ids"].shape[1]
-    return out.sequences[:, n:], torch.stack(out.scores, 1)
+    return greedy_steps(model, inputs, STEPS, **kw)
 
 
 def _reference(fam, inputs, plan=PLAN, **kw):
@@ -55,9 +46,7 @@ def _patched(fam, inputs, plan=PLAN, **kw):
 
 
 def _assert_same(got, want):
-    (gt, gs), (wt, ws) = got, want
-    torch.testing.assert_close(gs, ws, rtol=0, atol=ATOL)
-    assert torch.equal(gt, wt), (gt, wt)
+    assert_same_generation(got, want, ATOL)
 
 
 @pytest.mark.parametrize("fam", H.VLM_FAMILIES)
@@ -67,7 +56,7 @@ def test_generate_with_plan_equals_reference(fam):
     want = _reference(fam, inputs)
     _assert_same(_patched(fam, inputs), want)
     # The plan must matter, or this test could not fail: the reference without it differs.
-    _, dense_scores = _reference(fam, inputs, plan={})
+    dense_scores = _reference(fam, inputs, plan={})[1]
     finite = torch.isfinite(want[1])  # min_new_tokens masks EOS with -inf
     assert (dense_scores - want[1])[finite].abs().max() > 100 * ATOL
 

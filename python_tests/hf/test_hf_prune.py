@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from python_tests import hf_models as H
+from python_tests.hf.generation import assert_same_generation, greedy_steps
 from python_tests.hf.hf_reference import plan_hooks
 from vskip_kernels import SkipPlan
 from vskip_kernels.hf import apply_skip_plan, kv_cache_bytes
@@ -31,17 +32,7 @@ def _batch(fam):
 
 
 def _generate(model, inputs, **kw):
-    out = model.generate(
-        **inputs,
-        do_sample=False,
-        max_new_tokens=STEPS,
-        min_new_tokens=STEPS,
-        output_scores=True,
-        return_dict_in_generate=True,
-        **kw,
-    )
-    n = inputs["input_ids"].shape[1]
-    return out.sequences[:, n:], torch.stack(out.scores, 1), out
+    return greedy_steps(model, inputs, STEPS, **kw)
 
 
 def _hooks(ref, plan):
@@ -68,8 +59,7 @@ def _patched(fam, inputs, plan, backend="torch", **kw):
 
 
 def _assert_same(got, want):
-    torch.testing.assert_close(got[1], want[1], rtol=0, atol=ATOL)
-    assert torch.equal(got[0], want[0]), (got[0], want[0])
+    assert_same_generation(got, want, ATOL)
 
 
 def _visual_counts(inputs):
