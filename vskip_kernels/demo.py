@@ -314,7 +314,8 @@ def _layers_text(plan, mode: str) -> str:
     from .calibrate._common import TARGET_FIELDS
 
     parts = [f"K={s.layer} keep={s.keep:g}" for s in plan.prune]
-    layers = getattr(plan, TARGET_FIELDS[mode.split("+")[-1]]) if mode.split("+")[-1] in TARGET_FIELDS else []
+    field = TARGET_FIELDS.get(mode.split("+")[-1])  # "fastv+frozen" -> frozen_layers; dense, fastv, vtw: none
+    layers = getattr(plan, field) if field else []
     if layers or not parts:
         parts.append(str(layers))
     return " ".join(parts)

@@ -76,6 +76,7 @@ class PruneTracker:
     """Segments of one patched model under its plan's prune stages (no stages: inert)."""
 
     def __init__(self, plan):
+        self.plan = plan
         self.stages = list(plan.prune)
         self.num_layers = plan.num_layers
         self._starts = [s.layer for s in self.stages]
@@ -97,9 +98,6 @@ class PruneTracker:
     def segment(self, layer: int) -> int:
         """0 for layers before the first stage, i for layers from stage i on."""
         return sum(1 for start in self._starts if start <= layer)  # plain Python: traced by torch.compile
-
-    def stage_at(self, layer: int):
-        return next((s for s in self.stages if s.layer == layer), None)
 
     def _live(self, layer: int) -> _Segment | None:
         s = self.segment(layer)
@@ -156,7 +154,7 @@ class PruneTracker:
         """The rank rule when ``layer``'s attention must score keys for the next layer's stage."""
         if not self.prompting:
             return None
-        stage = self.stage_at(layer + 1)
+        stage = self.plan.prune_stage_at(layer + 1)
         return stage.rank if stage is not None and stage.keep > 0 else None
 
     def set_scores(self, layer: int, scores: torch.Tensor) -> None:
